@@ -1,0 +1,1 @@
+"""The stx command line: one module per command, one error boundary in :func:`main.main`."""
