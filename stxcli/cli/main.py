@@ -69,23 +69,26 @@ def _command_names(app: typer.Typer) -> set[str]:
     return names | {g.name or "?" for g in app.registered_groups}
 
 
+def _click_kind(exc: BaseException) -> str | None:
+    """'exit', 'usage' or 'abort' for click's exceptions (typer may vendor its own click, so
+    match on the class hierarchy's names rather than on one module's classes)."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "Exit" in names:
+        return "exit"
+    if "ClickException" in names:
+        return "usage"
+    if "Abort" in names:
+        return "abort"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 1 data error, 2 usage, 130 interrupted)."""
-    import click
-
     debug = os.environ.get("STX_DEBUG", "") not in ("", "0")
     try:
         app = build_app()
         typer.main.get_command(app).main(args=argv, prog_name="stx", standalone_mode=False)
         return 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.ClickException as exc:  # usage errors: exit 2
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        print("error: interrupted", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -94,7 +97,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except Exception as exc:  # an unexpected failure is still one line unless debugging
+    except Exception as exc:
+        kind = _click_kind(exc)
+        if kind == "exit":
+            return int(getattr(exc, "exit_code", 0))
+        if kind == "usage":  # bad command line: click's own message, exit 2
+            exc.show()  # type: ignore[attr-defined]
+            return int(getattr(exc, "exit_code", 2))
+        if kind == "abort":
+            print("error: interrupted", file=sys.stderr)
+            return 130
         if debug:
             traceback.print_exc()
         else:

@@ -1,0 +1,257 @@
+"""``stx featurize`` (survey files -> feature store) and ``stx store`` (inspect, concatenate)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from .. import console
+from ..errors import StxError, UsageError
+
+
+def parse_settings(settings: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, true, lists)."""
+    out: dict[str, Any] = {}
+    for item in settings or []:
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _resume_key(featurizer_key: str, paths: list[Path], opts: dict[str, Any]) -> str:
+    blob = json.dumps({"f": featurizer_key, "inputs": [str(p.resolve()) for p in paths], "opts": opts},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _open_partial(partial: Path, resume_key: str) -> tuple[Any, list[dict[str, Any]]] | None:
+    """Reopen an interrupted run's partial store when it belongs to the same command."""
+    import h5py
+
+    from ..store import StoreWriter
+
+    try:
+        f = h5py.File(partial, "a")
+    except OSError:
+        return None
+    if f.attrs.get("resume_key") != resume_key:
+        f.close()
+        return None
+    inputs = json.loads(f.attrs.get("inputs", "[]"))
+    n_done = inputs[-1]["rows"][1] if inputs else 0
+    for ds in (f["features"], f["ivar"], f["ids"], *f["meta"].values(), *f["quality"].values()):
+        if ds.shape[0] > n_done:
+            ds.resize(n_done, axis=0)
+    w = StoreWriter.__new__(StoreWriter)
+    w.path, w.f, w.dim = partial, f, int(f["features"].shape[1])
+    return w, inputs
+
+
+def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
+                  settings: dict[str, Any] | None = None, format: str | None = None,
+                  labels: Path | None = None, id_column: str = "id",
+                  label_columns: list[str] | None = None, match_by: str = "id",
+                  rv_column: str | None = None, workers: int = 1, chunk_size: int = 1024) -> dict[str, Any]:
+    """Featurize ``inputs`` into the store ``output``; return the summary. Programmatic API of
+    ``stx featurize`` (the demo and the tests call it)."""
+    import numpy as np
+
+    from .. import flags as F
+    from ..pipeline import (build_featurizer, catalog_lookup, expand_inputs, join_labels, map_files,
+                            read_table)
+    from ..store import StoreWriter, featurizer_key
+
+    if match_by not in ("id", "file"):
+        raise UsageError(f"--match-by must be 'id' or 'file', got {match_by!r}")
+    if workers < 1:
+        raise UsageError("--workers must be >= 1")
+    output = Path(output)
+    paths = expand_inputs(inputs)
+    feat = build_featurizer(featurizer, settings or {})
+    fconfig = feat.config()
+    label_columns = list(label_columns or [])
+    by_file = match_by == "file"
+
+    # Read the catalog first: a bad catalog must fail before hours of featurizing.
+    lookup = None
+    rv_lookup = None
+    if labels is not None:
+        cat = read_table(labels)
+        cols = label_columns + ([rv_column] if rv_column and rv_column not in label_columns else [])
+        lookup = catalog_lookup(cat, id_column, cols, by_file=by_file, path=str(labels))
+        if rv_column:
+            if by_file:
+                raise UsageError("--rv-column needs --match-by id")
+            rv_lookup = {k: v[rv_column] for k, v in lookup.items()}
+    elif label_columns or rv_column:
+        raise UsageError("--label-columns / --rv-column need --labels CATALOG")
+
+    fkey = featurizer_key(feat.name, feat.version, fconfig)
+    rkey = _resume_key(fkey, paths, {"format": format, "chunk": chunk_size, "rv": rv_column,
+                                     "labels": str(labels) if labels else None})
+    partial = output.with_name(f".{output.name}.partial")
+    resumed = _open_partial(partial, rkey) if partial.exists() else None
+    if resumed:
+        writer, done = resumed
+        console.info(f"resuming {output}: {len(done)} of {len(paths)} files already done")
+    else:
+        writer = StoreWriter(partial, featurizer_name=feat.name, featurizer_version=feat.version,
+                             featurizer_config=fconfig, dim=feat.dim, axis=feat.axis())
+        writer.f.attrs["resume_key"] = rkey
+        done = []
+    done_paths = {d["path"] for d in done}
+    todo = [p for p in paths if str(p) not in done_paths]
+    readers: dict[str, int] = {}
+    notes: list[str] = []
+    ok = False
+    try:
+        with console.progress("featurize", total=len(paths)) as bar:
+            bar.advance(len(paths) - len(todo))
+            for res in map_files(todo, feat.name, fconfig, format=format, chunk_size=chunk_size,
+                                 workers=workers, rv_lookup=rv_lookup):
+                start = writer.n
+                for fb in res.batches:
+                    writer.append(fb)
+                    notes.extend(fb.notes)
+                done.append({"path": str(res.path), "sha256": res.sha256, "reader": res.reader,
+                             "rows": [start, writer.n]})
+                writer.set_inputs(done)
+                writer.f.flush()
+                readers[res.reader] = readers.get(res.reader, 0) + res.n
+                bar.advance(1)
+                bar.update(status=f"{writer.n} spectra")
+        if writer.n == 0:
+            raise StxError("no spectra were read from the inputs")
+        ids = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in writer.f["ids"][:]])
+        n_match = None
+        if lookup is not None and label_columns:
+            src = writer.f["meta/source_file"][:]
+            src = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in src])
+            values, n_match = join_labels(ids, src, lookup, label_columns, by_file=by_file)
+            if n_match == 0:
+                other = "file" if match_by == "id" else "id"
+                raise StxError(f"{labels}: no catalog row matches a spectrum by {match_by} "
+                               f"(column {id_column!r}; e.g. spectrum id {ids[0]!r}); try --match-by {other}")
+            writer.set_labels(values, {"catalog": str(labels), "id_column": id_column, "match_by": match_by,
+                                       "n_matched": n_match})
+        checksum = writer.finish()
+        ok = True
+    except KeyboardInterrupt:
+        writer.close()
+        console.warn(f"interrupted: rerun the same command to resume ({len(done)} files done)")
+        raise
+    finally:
+        if not ok:
+            writer.close()
+            # Keep the partial store only for an interruption; any error leaves nothing behind.
+            import sys
+
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt) and partial.exists():
+                partial.unlink()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    import os
+
+    os.replace(partial, output)
+
+    from ..store import FeatureStore
+
+    with FeatureStore.open(output) as st:
+        q = st.quality
+    fl = q.get("flags", np.zeros(0, np.int32))
+    flag_counts = {name: int(((fl & bit) != 0).sum()) for bit, name in F.NAMES.items() if ((fl & bit) != 0).any()}
+    for name, count in flag_counts.items():
+        console.warn(f"{count} spectra flagged {name}")
+    for note in sorted(set(notes)):
+        console.info(note)
+    return {"output": str(output), "n_spectra": int(len(ids)), "n_files": len(paths), "dim": feat.dim,
+            "featurizer": feat.name, "readers": readers, "flags": flag_counts,
+            "labels": label_columns, "n_labelled": n_match, "checksum": checksum}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("featurize")
+    def featurize(
+        inputs: list[str] = typer.Argument(..., help="Spectrum files, directories, or text files listing paths."),
+        output: Path = typer.Option(..., "-o", "--output", help="Feature store to write (HDF5)."),
+        featurizer: str = typer.Option("raw", "--featurizer", "-f", help="Featurizer plugin (see `stx plugins`)."),
+        settings: Optional[list[str]] = typer.Option(None, "--set", help="Featurizer option key=value (repeatable), e.g. --set target_r=1800."),
+        format: Optional[str] = typer.Option(None, "--format", help="Force a reader instead of identifying each file."),
+        labels: Optional[Path] = typer.Option(None, "--labels", help="Catalog (FITS or CSV) with labels to join."),
+        id_column: str = typer.Option("id", "--id-column", help="Catalog column matched against spectrum ids (or file names)."),
+        label_columns: str = typer.Option("teff,logg,feh", "--label-columns", help="Comma-separated catalog columns to store as labels."),
+        match_by: str = typer.Option("id", "--match-by", help="'id': catalog ids equal spectrum ids (OBSID, TARGETID); 'file': catalog holds file names."),
+        rv_column: Optional[str] = typer.Option(None, "--rv-column", help="Catalog column with radial velocities (km/s) used for the rest frame."),
+        workers: int = typer.Option(1, "--workers", "-j", help="Worker processes (parallel over files)."),
+        chunk_size: int = typer.Option(1024, "--chunk-size", help="Spectra per batch when reading large files."),
+        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    ) -> None:
+        """Read survey spectra and write a feature store (HDF5) on a common grid.
+
+        Each file's format is identified from its content (LAMOST LRS, DESI coadd/spectra, 1-D FITS);
+        an interrupted run resumes where it stopped when started again with the same arguments.
+
+        Example: stx featurize ../shared/data/lamost-dr10/spectra -o dr10.h5 --labels labels.csv --id-column obsid
+        """
+        console.set_quiet(quiet or json_out)
+        cols = [c.strip() for c in label_columns.split(",") if c.strip()] if labels else []
+        summary = run_featurize(inputs, output, featurizer=featurizer, settings=parse_settings(settings),
+                                format=format, labels=labels, id_column=id_column, label_columns=cols,
+                                match_by=match_by, rv_column=rv_column, workers=workers, chunk_size=chunk_size)
+        if json_out:
+            console.print_json(summary)
+        else:
+            _print_summary("featurize", summary)
+
+    store_app = typer.Typer(help="Inspect and combine feature stores.", no_args_is_help=True)
+    app.add_typer(store_app, name="store")
+
+    @store_app.command("info")
+    def store_info(path: Path = typer.Argument(..., help="Feature store."),
+                   json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+        """Summarise a feature store: rows, dimension, featurizer, labels, flags."""
+        from ..store import FeatureStore
+
+        with FeatureStore.open(path) as st:
+            summary = st.summary()
+        if json_out:
+            console.print_json(summary)
+        else:
+            _print_summary("store", summary)
+
+    @store_app.command("concat")
+    def store_concat(paths: list[Path] = typer.Argument(..., help="Stores made with the same featurizer config."),
+                     output: Path = typer.Option(..., "-o", "--output", help="Store to write."),
+                     json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+        """Concatenate feature stores (same featurizer config required)."""
+        from ..store import FeatureStore, concat_stores
+
+        if len(paths) < 2:
+            raise UsageError("give at least two stores to concatenate")
+        concat_stores(paths, output)
+        with FeatureStore.open(output) as st:
+            summary = st.summary()
+        if json_out:
+            console.print_json(summary)
+        else:
+            _print_summary("store", summary)
+
+
+def _print_summary(title: str, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    t.add_column("key")
+    t.add_column("value")
+    for k, v in summary.items():
+        t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.out().print(t)

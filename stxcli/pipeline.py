@@ -1,0 +1,227 @@
+"""Survey files -> feature batches: input expansion, reader identification, featurization,
+optional worker processes, and joining a labels catalog. Knows no concrete survey."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StxError, UsageError
+from .protocols import FeatureBatch, Featurizer
+from .registry import get_registry, identify
+
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+
+
+def _known_extensions() -> tuple[str, ...]:
+    exts: set[str] = set()
+    for reader in get_registry().readers():
+        exts.update(e.lower() for e in getattr(reader, "extensions", ()))
+    return tuple(sorted(exts)) or (".fits", ".fits.gz", ".fit")
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files, directories (searched recursively for files with a known extension) and text files
+    listing one path per line (relative to the list's folder). Order kept, duplicates dropped."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+    exts = None
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise StxError(f"{p}: no such file or directory")
+        if p.is_dir():
+            exts = exts or _known_extensions()
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.name.lower().endswith(exts))
+            if not found:
+                raise StxError(f"{p}: directory holds no spectrum files ({', '.join(exts)})")
+            cands = found
+        elif p.suffix.lower() in LIST_SUFFIXES:
+            cands = []
+            for line in p.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    q = Path(line) if Path(line).is_absolute() else p.parent / line
+                    if not q.exists():
+                        raise StxError(f"{p}: listed file {line} does not exist")
+                    cands.append(q)
+        else:
+            cands = [p]
+        for q in cands:
+            key = q.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(q)
+    if not out:
+        raise UsageError("no input files given")
+    return out
+
+
+def build_featurizer(name: str, config: dict[str, Any] | None = None) -> Featurizer:
+    factory = get_registry().get("featurizer", name)
+    try:
+        return factory(**(config or {}))
+    except TypeError as exc:
+        raise UsageError(f"featurizer {name!r}: bad configuration ({exc})") from exc
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class FileResult:
+    path: Path
+    sha256: str
+    reader: str
+    batches: list[FeatureBatch]
+
+    @property
+    def n(self) -> int:
+        return sum(b.features.shape[0] for b in self.batches)
+
+
+RvLookup = dict[str, float]
+
+
+def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = None,
+                   chunk_size: int = 1024, rv_lookup: RvLookup | None = None) -> Iterator[FeatureBatch]:
+    """Read one file with its identified reader and featurize it batch by batch."""
+    reg = get_registry()
+    reader = identify(path, reg, format)
+    for batch in reader.read(path, chunk_size=chunk_size,
+                             with_resolution=bool(getattr(featurizer, "needs_resolution", False))):
+        try:
+            batch.validate()
+        except ValueError as exc:
+            raise StxError(f"{path}: reader {reader.name} produced an invalid batch ({exc})") from exc
+        if rv_lookup:
+            ids = batch.meta.ids
+            rv = np.array([rv_lookup.get(str(i), np.nan) for i in ids], dtype=np.float64)
+            have = np.isfinite(rv)
+            batch.meta.rv_kms = np.where(have, rv, batch.meta.rv_kms)
+        yield featurizer.transform(batch)
+
+
+# ------------------------------------------------------------------------------ worker processes
+
+_worker_state: dict[str, Any] = {}
+
+
+def _init_worker(name: str, config: dict[str, Any], format: str | None, chunk_size: int,
+                 rv_lookup: RvLookup | None) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # torch is a dependency, but featurizing does not need it
+        pass
+    _worker_state.update(featurizer=build_featurizer(name, config), format=format,
+                         chunk_size=chunk_size, rv_lookup=rv_lookup)
+
+
+def _run_file(path: Path) -> FileResult:
+    st = _worker_state
+    reader = identify(path, get_registry(), st["format"]).name
+    batches = list(featurize_file(path, st["featurizer"], format=st["format"],
+                                  chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"]))
+    return FileResult(path, sha256_file(path), reader, batches)
+
+
+def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: dict[str, Any], *,
+              format: str | None = None, chunk_size: int = 1024, workers: int = 1,
+              rv_lookup: RvLookup | None = None) -> Iterator[FileResult]:
+    """Featurize files in input order, in ``workers`` processes (1 = this process)."""
+    if workers <= 1:
+        _init_worker(featurizer_name, featurizer_config, format, chunk_size, rv_lookup)
+        for p in paths:
+            yield _run_file(p)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker,
+                  initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup)) as pool:
+        yield from pool.imap(_run_file, list(paths), chunksize=1)
+
+
+def iter_feature_batches(paths: Sequence[Path], featurizer: Featurizer, *, format: str | None = None,
+                         chunk_size: int = 1024) -> Iterator[tuple[Path, FeatureBatch]]:
+    """Stream (path, FeatureBatch) over files in this process, with flat memory."""
+    for p in paths:
+        for fb in featurize_file(p, featurizer, format=format, chunk_size=chunk_size):
+            yield p, fb
+
+
+# -------------------------------------------------------------------------------- label catalogs
+
+
+def read_table(path: str | os.PathLike[str]) -> Any:
+    """A FITS or CSV/ECSV table as an astropy Table (one-line errors)."""
+    from astropy.table import Table
+
+    p = Path(path)
+    if not p.exists():
+        raise StxError(f"{p}: no such catalog")
+    fmt = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".txt": "ascii"}.get(p.suffix.lower())
+    try:
+        return Table.read(p, format=fmt) if fmt else Table.read(p)
+    except Exception as exc:
+        raise StxError(f"{p}: cannot read catalog ({type(exc).__name__}: {exc})") from exc
+
+
+def _key_strings(values: Any, by_file: bool) -> np.ndarray:
+    arr = np.asarray(values)
+    if hasattr(values, "mask"):
+        arr = np.asarray(values.filled("" if arr.dtype.kind in "US" else -1))
+    keys = np.array([str(v).strip() for v in arr], dtype=object)
+    if by_file:
+        keys = np.array([os.path.basename(k) for k in keys], dtype=object)
+    return keys
+
+
+def catalog_lookup(catalog: Any, id_column: str, columns: Sequence[str], *, by_file: bool,
+                   path: str = "catalog") -> dict[str, dict[str, float]]:
+    """``{key: {column: value}}`` from a catalog; errors for a missing column or duplicate ids."""
+    if id_column not in catalog.colnames:
+        raise StxError(f"{path}: id column {id_column!r} not found (columns: {', '.join(catalog.colnames)})")
+    missing = [c for c in columns if c not in catalog.colnames]
+    if missing:
+        raise StxError(f"{path}: label column(s) {', '.join(missing)} not found "
+                       f"(columns: {', '.join(catalog.colnames)})")
+    keys = _key_strings(catalog[id_column], by_file)
+    uniq, counts = np.unique(keys.astype(str), return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1]
+        raise StxError(f"{path}: {len(dup)} duplicate id(s) in column {id_column!r}, e.g. {dup[0]}")
+    values = {}
+    for c in columns:
+        col = catalog[c]
+        v = np.asarray(col.filled(np.nan) if hasattr(col, "filled") else col, dtype=np.float64)
+        values[c] = v
+    return {k: {c: float(values[c][i]) for c in columns} for i, k in enumerate(keys)}
+
+
+def join_labels(ids: np.ndarray, source_files: np.ndarray, lookup: dict[str, dict[str, float]],
+                columns: Sequence[str], *, by_file: bool) -> tuple[dict[str, np.ndarray], int]:
+    """Label arrays (float32, NaN where absent) aligned to the store rows, and the match count."""
+    keys = [os.path.basename(str(f)) for f in source_files] if by_file else [str(i) for i in ids]
+    out = {c: np.full(len(keys), np.nan, np.float32) for c in columns}
+    matched = 0
+    for row, k in enumerate(keys):
+        hit = lookup.get(k)
+        if hit is not None:
+            matched += 1
+            for c in columns:
+                out[c][row] = hit[c]
+    return out, matched

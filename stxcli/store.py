@@ -1,0 +1,431 @@
+"""The HDF5 feature store.
+
+Layout (format ``stx-feature-store`` version 1; open it with h5py alone, see docs/formats.md)::
+
+    /features          (N, D) float32, chunked by rows so training reads contiguous slabs
+    /ivar              (N, D) float32, 0 = missing feature
+    /axis              (D,)   float64, the feature axis (e.g. rest-frame vacuum wavelength), optional
+    /ids               (N,)   utf-8 strings
+    /meta/<name>       (N,)   survey, source_file, source_row, ra, dec, rv_kms, and survey extras
+    /quality/<name>    (N,)   snr, masked_frac, flags (int32, stxcli.flags), rv_kms, ...
+    /labels/<name>     (N,)   float32, NaN where unknown; attribute ``unit``
+    root attributes:   format, format_version, featurizer, featurizer_version,
+                       featurizer_config (JSON), featurizer_key, stx_version, created,
+                       inputs (JSON list of {path, sha256, rows}), label_source (JSON),
+                       checksum (sha256 of ids + features + ivar), complete
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .errors import StxError
+
+FORMAT = "stx-feature-store"
+FORMAT_VERSION = 1
+ROW_CHUNK = 256
+LABEL_UNITS = {"teff": "K", "logg": "dex", "feh": "dex", "alpha_fe": "dex", "mh": "dex"}
+
+def _str_dtype() -> Any:
+    import h5py
+
+    return h5py.string_dtype("utf-8")
+
+
+def featurizer_key(name: str, version: str, config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a featurizer's identity: equal keys, equal features."""
+    blob = json.dumps({"name": name, "version": version, "config": config}, sort_keys=True,
+                      separators=(",", ":"), default=_jsonable)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _as_str_array(a: Any) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.dtype.kind in ("S", "O"):
+        return np.array([x.decode() if isinstance(x, bytes) else str(x) for x in arr], dtype=str)
+    return arr.astype(str)
+
+
+class StoreWriter:
+    """Appends feature batches to a new HDF5 file (normally a temporary path)."""
+
+    def __init__(self, path: Path, *, featurizer_name: str, featurizer_version: str,
+                 featurizer_config: dict[str, Any], dim: int, axis: np.ndarray | None = None) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self.f = h5py.File(self.path, "w")
+        self.dim = dim
+        a = self.f.attrs
+        a["format"], a["format_version"] = FORMAT, FORMAT_VERSION
+        a["featurizer"], a["featurizer_version"] = featurizer_name, featurizer_version
+        a["featurizer_config"] = json.dumps(featurizer_config, sort_keys=True, default=_jsonable)
+        a["featurizer_key"] = featurizer_key(featurizer_name, featurizer_version, featurizer_config)
+        a["stx_version"] = __version__
+        a["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        a["inputs"] = "[]"
+        a["complete"] = False
+        chunk = (ROW_CHUNK, dim)
+        for name in ("features", "ivar"):
+            self.f.create_dataset(name, shape=(0, dim), maxshape=(None, dim), dtype="f4", chunks=chunk)
+        self.f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=_str_dtype(), chunks=(4096,))
+        if axis is not None:
+            self.f.create_dataset("axis", data=np.asarray(axis, dtype="f8"))
+        self.f.create_group("meta")
+        self.f.create_group("quality")
+        self.f.create_group("labels")
+
+    @property
+    def n(self) -> int:
+        return int(self.f["features"].shape[0])
+
+    def _append(self, ds_path: str, values: np.ndarray) -> None:
+        values = np.asarray(values)
+        if values.dtype.kind in ("U", "S", "O"):
+            values = _as_str_array(values).astype(object)
+            dtype: Any = _str_dtype()
+        else:
+            dtype = values.dtype
+        n0 = self.n - len(values)  # called after features were resized
+        if ds_path not in self.f:
+            shape = values.shape[1:]
+            self.f.create_dataset(ds_path, shape=(n0,) + shape, maxshape=(None,) + shape, dtype=dtype,
+                                  chunks=(4096,) + shape, fillvalue=_fill(dtype))
+        ds = self.f[ds_path]
+        ds.resize(self.n, axis=0)
+        ds[n0:self.n] = values
+
+    def append(self, fb: Any) -> tuple[int, int]:
+        """Append a :class:`~stxcli.protocols.FeatureBatch`; return its row range."""
+        n = fb.features.shape[0]
+        if fb.features.shape[1] != self.dim:
+            raise StxError(f"featurizer produced {fb.features.shape[1]} features, store has {self.dim}")
+        start = self.n
+        for name, arr in (("features", fb.features), ("ivar", fb.ivar)):
+            ds = self.f[name]
+            ds.resize(start + n, axis=0)
+            ds[start:] = np.asarray(arr, dtype=np.float32)
+        self._append("ids", fb.meta.ids)
+        m = fb.meta
+        self._append("meta/survey", np.full(n, m.survey))
+        self._append("meta/source_file", m.source_file)
+        self._append("meta/source_row", np.asarray(m.source_row, dtype=np.int64))
+        for col in ("ra", "dec", "rv_kms"):
+            self._append(f"meta/{col}", np.asarray(getattr(m, col), dtype=np.float64))
+        for band, arr in m.snr.items():
+            self._append(f"meta/snr_{band}", np.asarray(arr, dtype=np.float32))
+        for key, arr in m.extra.items():
+            self._append(f"meta/{key}", np.asarray(arr))
+        for key, arr in fb.quality.items():
+            self._append(f"quality/{key}", np.asarray(arr))
+        return start, start + n
+
+    def set_inputs(self, inputs: list[dict[str, Any]]) -> None:
+        self.f.attrs["inputs"] = json.dumps(inputs)
+
+    def set_labels(self, labels: dict[str, np.ndarray], source: dict[str, Any] | None = None) -> None:
+        for name, values in labels.items():
+            if f"labels/{name}" in self.f:
+                del self.f[f"labels/{name}"]
+            ds = self.f.create_dataset(f"labels/{name}", data=np.asarray(values, dtype=np.float32))
+            ds.attrs["unit"] = LABEL_UNITS.get(name, "")
+        self.f.attrs["label_source"] = json.dumps(source or {})
+
+    def finish(self) -> str:
+        """Make every dataset N rows long, compute the checksum, mark complete; return it."""
+        n = self.n
+        for group in ("meta", "quality"):
+            for ds in self.f[group].values():
+                if ds.shape[0] != n:
+                    ds.resize(n, axis=0)
+        checksum = _checksum(self.f)
+        self.f.attrs["checksum"] = checksum
+        self.f.attrs["complete"] = True
+        self.f.close()
+        return checksum
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+
+def _fill(dtype: Any) -> Any:
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        return np.nan
+    if kind in ("i", "u"):
+        return -1
+    if kind == "b":
+        return False
+    return None
+
+
+def _checksum(f: Any, chunk_rows: int = 8192) -> str:
+    h = hashlib.sha256()
+    n = f["features"].shape[0]
+    h.update("\n".join(_as_str_array(f["ids"][:])).encode())
+    for s in range(0, n, chunk_rows):
+        h.update(np.ascontiguousarray(f["features"][s:s + chunk_rows]).tobytes())
+        h.update(np.ascontiguousarray(f["ivar"][s:s + chunk_rows]).tobytes())
+    return h.hexdigest()
+
+
+class FeatureStore:
+    """Read access to a finished feature store. Use as a context manager."""
+
+    def __init__(self, path: str | Path) -> None:
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StxError(f"{self.path}: no such feature store")
+        try:
+            self.f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise StxError(f"{self.path}: not an HDF5 feature store ({exc})") from exc
+        a = self.f.attrs
+        if a.get("format") != FORMAT:
+            self.f.close()
+            raise StxError(f"{self.path}: not an stx feature store (format attribute missing)")
+        if not bool(a.get("complete", False)):
+            self.f.close()
+            raise StxError(f"{self.path}: feature store is incomplete (an interrupted featurize run?)")
+
+    @classmethod
+    def open(cls, path: str | Path) -> "FeatureStore":
+        return cls(path)
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    # -- identity
+    @property
+    def n(self) -> int:
+        return int(self.f["features"].shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.f["features"].shape[1])
+
+    @property
+    def featurizer_name(self) -> str:
+        return str(self.f.attrs["featurizer"])
+
+    @property
+    def featurizer_version(self) -> str:
+        return str(self.f.attrs["featurizer_version"])
+
+    @property
+    def featurizer_config(self) -> dict[str, Any]:
+        return json.loads(self.f.attrs["featurizer_config"])
+
+    @property
+    def featurizer_key(self) -> str:
+        return str(self.f.attrs["featurizer_key"])
+
+    @property
+    def checksum(self) -> str:
+        return str(self.f.attrs["checksum"])
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        return json.loads(self.f.attrs.get("inputs", "[]"))
+
+    # -- content
+    @property
+    def label_names(self) -> list[str]:
+        return sorted(self.f["labels"].keys())
+
+    @property
+    def label_units(self) -> dict[str, str]:
+        return {k: str(self.f["labels"][k].attrs.get("unit", "")) for k in self.label_names}
+
+    @property
+    def ids(self) -> np.ndarray:
+        return _as_str_array(self.f["ids"][:])
+
+    @property
+    def axis(self) -> np.ndarray | None:
+        return self.f["axis"][:] if "axis" in self.f else None
+
+    def _group(self, name: str, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+        out = {}
+        for k, ds in self.f[name].items():
+            v = ds[start:stop]
+            out[k] = _as_str_array(v) if ds.dtype.kind in ("O", "S") else v
+        return out
+
+    @property
+    def quality(self) -> dict[str, np.ndarray]:
+        return self._group("quality")
+
+    @property
+    def meta(self) -> dict[str, np.ndarray]:
+        return self._group("meta")
+
+    def read(self, start: int = 0, stop: int | None = None,
+             fields: Sequence[str] = ("features", "ivar")) -> dict[str, np.ndarray]:
+        """A contiguous slab of rows ``[start, stop)``: ``features``, ``ivar``, ``ids``,
+        ``quality``/``meta`` (dicts)."""
+        out: dict[str, Any] = {}
+        for fld in fields:
+            if fld in ("features", "ivar"):
+                out[fld] = self.f[fld][start:stop]
+            elif fld == "ids":
+                out[fld] = _as_str_array(self.f["ids"][start:stop])
+            elif fld in ("quality", "meta"):
+                out[fld] = self._group(fld, start, stop)
+            else:
+                raise KeyError(f"unknown store field {fld!r}")
+        return out
+
+    def labels(self, names: Sequence[str], start: int = 0, stop: int | None = None) -> np.ndarray:
+        """float32 (rows, len(names)); NaN where a label is unknown."""
+        missing = [n for n in names if n not in self.f["labels"]]
+        if missing:
+            have = ", ".join(self.label_names) or "none"
+            raise StxError(f"{self.path}: label(s) {', '.join(missing)} not in the store (it has: {have})")
+        cols = [self.f["labels"][n][start:stop] for n in names]
+        return np.stack(cols, axis=1).astype(np.float32) if cols else np.zeros((0, 0), np.float32)
+
+    def iter_chunks(self, chunk_rows: int = 4096, fields: Sequence[str] = ("features", "ivar"),
+                    labels: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        for s in range(0, self.n, chunk_rows):
+            e = min(s + chunk_rows, self.n)
+            d = self.read(s, e, fields)
+            d["start"], d["stop"] = s, e
+            if labels:
+                d["labels"] = self.labels(labels, s, e)
+            yield d
+
+    def summary(self) -> dict[str, Any]:
+        q = self.quality
+        flags = q.get("flags", np.zeros(self.n, np.int32))
+        labels = {}
+        for name in self.label_names:
+            v = self.f["labels"][name][:]
+            labels[name] = {"n": int(np.isfinite(v).sum()), "unit": self.label_units[name]}
+        return {
+            "path": str(self.path), "n": self.n, "dim": self.dim,
+            "featurizer": self.featurizer_name, "featurizer_version": self.featurizer_version,
+            "featurizer_key": self.featurizer_key, "checksum": self.checksum,
+            "n_flagged": int((flags != 0).sum()), "labels": labels,
+            "n_inputs": len(self.inputs),
+        }
+
+
+def write_store_arrays(path: str | Path, features: np.ndarray, ivar: np.ndarray, ids: Sequence[str],
+                       labels: dict[str, np.ndarray] | None = None, *, featurizer_name: str = "test",
+                       featurizer_version: str = "0", featurizer_config: dict[str, Any] | None = None,
+                       quality: dict[str, np.ndarray] | None = None,
+                       meta: dict[str, np.ndarray] | None = None, axis: np.ndarray | None = None,
+                       survey: str = "test") -> str:
+    """Write a complete store from in-memory arrays (tests, simulations, programmatic use);
+    atomic; returns the checksum."""
+    from .io import atomic_file
+    from .protocols import FeatureBatch
+    from .spectra import SpectrumMeta
+
+    features = np.asarray(features, dtype=np.float32)
+    n = features.shape[0]
+    m = SpectrumMeta.empty(n, survey, "memory")
+    m.ids = np.asarray(ids).astype(str)
+    for k, v in (meta or {}).items():
+        if hasattr(m, k) and k not in ("snr", "extra"):
+            setattr(m, k, np.asarray(v))
+        else:
+            m.extra[k] = np.asarray(v)
+    q = {"snr": np.full(n, np.nan, np.float32), "masked_frac": (np.asarray(ivar) <= 0).mean(1).astype(np.float32),
+         "flags": np.zeros(n, np.int32)}
+    q.update(quality or {})
+    with atomic_file(path) as tmp:
+        w = StoreWriter(tmp, featurizer_name=featurizer_name, featurizer_version=featurizer_version,
+                        featurizer_config=featurizer_config or {}, dim=features.shape[1], axis=axis)
+        try:
+            w.append(FeatureBatch(features=features, ivar=np.asarray(ivar, np.float32), quality=q, meta=m))
+            if labels:
+                w.set_labels(labels, {"source": "arrays"})
+            checksum = w.finish()
+        finally:
+            w.close()
+    return checksum
+
+
+def concat_stores(paths: Sequence[str | Path], out: str | Path) -> str:
+    """Concatenate stores made with the same featurizer config into ``out`` (atomic).
+
+    Labels present in only some stores are NaN for the others."""
+    from .io import atomic_file
+
+    stores = [FeatureStore.open(p) for p in paths]
+    try:
+        first = stores[0]
+        for st in stores[1:]:
+            if st.featurizer_key != first.featurizer_key:
+                raise StxError(f"cannot concatenate {first.path} and {st.path}: made with different "
+                               f"featurizer configs ({first.featurizer_name} {first.featurizer_key[:12]} vs "
+                               f"{st.featurizer_name} {st.featurizer_key[:12]})")
+        label_names = sorted({n for st in stores for n in st.label_names})
+        with atomic_file(out) as tmp:
+            w = StoreWriter(tmp, featurizer_name=first.featurizer_name,
+                            featurizer_version=first.featurizer_version,
+                            featurizer_config=first.featurizer_config, dim=first.dim, axis=first.axis)
+            try:
+                labels: dict[str, list[np.ndarray]] = {n: [] for n in label_names}
+                inputs: list[dict[str, Any]] = []
+                for st in stores:
+                    _copy_rows(st.f, w)
+                    for name in label_names:
+                        labels[name].append(st.f["labels"][name][:] if name in st.f["labels"]
+                                            else np.full(st.n, np.nan, np.float32))
+                    inputs.extend(st.inputs)
+                w.set_inputs(inputs)
+                w.set_labels({k: np.concatenate(v) for k, v in labels.items()},
+                             {"concatenated": [str(p) for p in paths]})
+                checksum = w.finish()
+            finally:
+                w.close()
+        return checksum
+    finally:
+        for st in stores:
+            st.close()
+
+
+def _copy_rows(src: Any, w: StoreWriter, chunk_rows: int = 8192) -> None:
+    n = src["features"].shape[0]
+    n0 = w.n
+    for name in ("features", "ivar"):
+        ds = w.f[name]
+        ds.resize(n0 + n, axis=0)
+        for s in range(0, n, chunk_rows):
+            ds[n0 + s:n0 + min(s + chunk_rows, n)] = src[name][s:s + chunk_rows]
+    w._append("ids", _as_str_array(src["ids"][:]))
+    for group in ("meta", "quality"):
+        for key, ds in src[group].items():
+            v = ds[:]
+            w._append(f"{group}/{key}", _as_str_array(v) if ds.dtype.kind in ("O", "S") else v)

@@ -1,0 +1,94 @@
+"""Feature store: round trips, chunked reads, concatenation, checksums, errors."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from stxcli.errors import StxError
+from stxcli.store import FeatureStore, concat_stores, featurizer_key, write_store_arrays
+
+
+def _arrays(n=50, d=7, seed=0):
+    rng = np.random.default_rng(seed)
+    f = rng.normal(size=(n, d)).astype(np.float32)
+    iv = rng.uniform(0.5, 2, size=(n, d)).astype(np.float32)
+    iv[0, :3] = 0
+    ids = [f"s{i}" for i in range(n)]
+    labels = {"teff": rng.uniform(4000, 7000, n).astype(np.float32), "feh": rng.normal(size=n).astype(np.float32)}
+    labels["feh"][5] = np.nan
+    return f, iv, ids, labels
+
+
+def test_round_trip_and_chunks(tmp_path):
+    f, iv, ids, labels = _arrays()
+    p = tmp_path / "a.h5"
+    checksum = write_store_arrays(p, f, iv, ids, labels, featurizer_name="raw", featurizer_version="1",
+                                  featurizer_config={"dlog": 1e-4}, axis=np.arange(7.0))
+    with FeatureStore.open(p) as st:
+        assert (st.n, st.dim) == (50, 7)
+        assert st.checksum == checksum
+        np.testing.assert_array_equal(st.read(10, 20)["features"], f[10:20])
+        np.testing.assert_array_equal(st.read()["ivar"], iv)
+        assert list(st.ids) == ids
+        assert st.label_names == ["feh", "teff"]
+        assert st.label_units == {"feh": "dex", "teff": "K"}
+        lab = st.labels(["teff", "feh"])
+        np.testing.assert_array_equal(lab[:, 0], labels["teff"])
+        assert np.isnan(lab[5, 1])
+        chunks = list(st.iter_chunks(chunk_rows=16, labels=["teff"]))
+        assert [c["start"] for c in chunks] == [0, 16, 32, 48]
+        np.testing.assert_array_equal(np.concatenate([c["features"] for c in chunks]), f)
+        assert st.featurizer_config == {"dlog": 1e-4}
+        assert st.featurizer_key == featurizer_key("raw", "1", {"dlog": 1e-4})
+        np.testing.assert_array_equal(st.axis, np.arange(7.0))
+        with pytest.raises(StxError, match="logg"):
+            st.labels(["logg"])
+    # the file opens with h5py alone, as documented
+    with h5py.File(p) as h:
+        assert h["features"].chunks[0] <= 256 and h.attrs["format"] == "stx-feature-store"
+
+
+def test_featurizer_key_sensitive_to_config():
+    assert featurizer_key("raw", "1", {"a": 1}) != featurizer_key("raw", "1", {"a": 2})
+    assert featurizer_key("raw", "1", {"a": 1, "b": 2}) == featurizer_key("raw", "1", {"b": 2, "a": 1})
+
+
+def test_concat(tmp_path):
+    f1, iv1, ids1, lab1 = _arrays(30, seed=1)
+    f2, iv2, ids2, _ = _arrays(20, seed=2)
+    ids2 = [f"t{i}" for i in range(20)]
+    write_store_arrays(tmp_path / "a.h5", f1, iv1, ids1, {"teff": lab1["teff"]}, featurizer_config={"x": 1})
+    write_store_arrays(tmp_path / "b.h5", f2, iv2, ids2, None, featurizer_config={"x": 1})
+    concat_stores([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "c.h5")
+    with FeatureStore.open(tmp_path / "c.h5") as st:
+        assert st.n == 50
+        np.testing.assert_array_equal(st.read()["features"], np.concatenate([f1, f2]))
+        lab = st.labels(["teff"])[:, 0]
+        np.testing.assert_array_equal(lab[:30], lab1["teff"])
+        assert np.isnan(lab[30:]).all()
+        assert list(st.ids[28:32]) == ["s28", "s29", "t0", "t1"]
+
+
+def test_concat_refuses_different_featurizer(tmp_path):
+    f, iv, ids, _ = _arrays(8)
+    write_store_arrays(tmp_path / "a.h5", f, iv, ids, featurizer_config={"x": 1})
+    write_store_arrays(tmp_path / "b.h5", f, iv, ids, featurizer_config={"x": 2})
+    with pytest.raises(StxError, match="different featurizer"):
+        concat_stores([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "c.h5")
+    assert not (tmp_path / "c.h5").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_not_a_store(tmp_path):
+    p = tmp_path / "x.h5"
+    with h5py.File(p, "w") as h:
+        h["a"] = [1]
+    with pytest.raises(StxError, match="not an stx feature store"):
+        FeatureStore.open(p)
+    (tmp_path / "t.h5").write_text("hello")
+    with pytest.raises(StxError, match="not an HDF5"):
+        FeatureStore.open(tmp_path / "t.h5")
+    with pytest.raises(StxError, match="no such"):
+        FeatureStore.open(tmp_path / "missing.h5")
