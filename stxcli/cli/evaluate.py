@@ -31,10 +31,21 @@ class Table:
     path: Path
     columns: dict[str, np.ndarray]
     source: str  # e.g. "HDU PREDICTIONS" or "CSV"
+    #: CSV only: the stripped text of every column, so that ids keep their exact spelling
+    #: (a 17-digit DESI TARGETID does not survive a float, nor does a leading zero).
+    text: dict[str, np.ndarray] = field(default_factory=dict)
     n_rows: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.n_rows = len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def ids(self, name: str, what: str) -> np.ndarray:
+        """Column ``name`` as stripped id strings (StxError when the column is absent)."""
+        if name not in self.columns:
+            raise StxError(f"{self.path}: {what} has no column {name!r} (columns: {', '.join(self.columns)})")
+        if name in self.text:
+            return self.text[name]
+        return id_strings(self.columns[name])
 
     def numeric(self, name: str) -> np.ndarray | None:
         col = self.columns.get(name)
@@ -104,14 +115,13 @@ def read_fits_table(path: Path, prefer: str | None = None) -> Table:
     return Table(path, cols, source)
 
 
-def _csv_column(values: list[str]) -> np.ndarray:
-    text = np.char.strip(np.asarray(values, dtype=str))
+def _csv_column(text: np.ndarray) -> np.ndarray:
+    """Numbers as float64 (empty / NaN-like cells -> NaN) when every cell parses, else the text."""
     null = np.isin(text, _NULL_STRINGS)
     try:
-        num = np.where(null, "nan", text).astype(np.float64)
+        return np.where(null, "nan", text).astype(np.float64)
     except ValueError:
         return text
-    return num
 
 
 def read_csv_table(path: Path) -> Table:
@@ -129,10 +139,11 @@ def read_csv_table(path: Path) -> Table:
     if bad is not None:
         raise FormatError(f"{path}: data line {bad + 1} has {len(rows[bad])} fields, the header has {len(header)}")
     names = _lower_columns(header, path)
-    cols = {}
+    cols, text = {}, {}
     for j, key in enumerate(names):
-        cols[key] = _csv_column([r[j] for r in rows]) if rows else np.zeros(0)
-    return Table(path, cols, "CSV")
+        text[key] = np.char.strip(np.asarray([r[j] for r in rows], dtype=str))
+        cols[key] = _csv_column(text[key])
+    return Table(path, cols, "CSV", text)
 
 
 def read_table(path: Path, prefer_hdu: str | None = None) -> Table:
@@ -187,12 +198,6 @@ class Evaluation:
     snr: np.ndarray | None
 
 
-def _column(table: Table, name: str, what: str) -> np.ndarray:
-    if name not in table.columns:
-        raise StxError(f"{table.path}: {what} has no column {name!r} (columns: {', '.join(table.columns)})")
-    return table.columns[name]
-
-
 def _choose_labels(pred: Table, truth: Table, labels: list[str] | None) -> list[str]:
     if labels:
         for lab in labels:
@@ -223,8 +228,8 @@ def evaluate(pred_path: Path, truth_path: Path, *, id_column: str = "id", pred_i
     truth_t = read_table(truth_path)
     notes: list[str] = []
 
-    t_ids = id_strings(_column(truth_t, id_column, "the truth table"))
-    p_ids = id_strings(_column(pred_t, pred_id_column, "the prediction catalog"))
+    t_ids = truth_t.ids(id_column, "the truth table")
+    p_ids = pred_t.ids(pred_id_column, "the prediction catalog")
     empty = t_ids == ""
     if empty.any():
         notes.append(f"{int(empty.sum())} truth rows have an empty id and were ignored")
