@@ -1,0 +1,214 @@
+"""DESI coadd and spectra files (healpix and tile), read in row chunks with flat memory.
+
+Layout: ``FIBERMAP`` (one row per spectrum: TARGETID, TARGET_RA, TARGET_DEC, ...) and, per arm
+``X`` in b, r, z: ``X_WAVELENGTH`` (npix,), ``X_FLUX``/``X_IVAR`` (nspec, npix) float32,
+``X_MASK`` (nspec, npix) uint32 stored as int32 + BZERO (a CompImageHDU in spectra files), and
+``X_RESOLUTION`` (nspec, ndiag, npix).
+
+How it is read
+--------------
+The file is opened once, memory-mapped, with integer images left unscaled; each chunk of rows is
+read with ``hdu.section[a:b]`` (a slice of the memory map, or of the decompressed tiles) and
+converted once to native float32. No astropy Table is built, no HDU is loaded whole, and
+``X_RESOLUTION`` is read only when ``with_resolution=True``. A pixel is bad when its mask is
+non-zero (the physical uint32 value, BZERO applied), its ivar is 0, or flux/ivar are NaN/inf.
+
+Resolving power
+---------------
+Measured from the file's resolution matrices, per arm and per pixel: for up to 64 rows spread
+over the file whose kernels are valid (sum > 0.5), the Gaussian-equivalent FWHM is
+``2.3548 * sqrt(second moment of the kernel)`` in pixels times the pixel width, R = lambda/FWHM,
+and the per-pixel median over those rows is the arm's ``resolving_power`` (npix,). Rows of dead
+fibres have all-zero kernels and are skipped. If no sampled row has a valid kernel the arm's
+``resolving_power`` is None (never a made-up value).
+
+Metadata
+--------
+``ids = str(TARGETID)`` in coadd files. Spectra (per-exposure) files, recognised by an ``EXPID``
+column in FIBERMAP without the coadd's ``COADD_NUMEXP``, hold several rows per TARGETID: each row is
+kept as its own spectrum with ``id = "TARGETID:ROW"`` (ROW = row in the file), so ids stay unique;
+``extra["targetid"]`` (int64) carries the TARGETID for catalogue joins in both kinds.
+``rv_kms`` is NaN (DESI redshifts are in companion catalogues). ``snr`` per arm (b, r, z) is the
+median of ``flux * sqrt(ivar)`` over good pixels (0 for an arm with no good pixel, e.g. an arm
+whose ivar is 0 everywhere: that is a per-spectrum situation, the spectrum is kept, fully masked
+in that arm). ``extra["n_bad_input"]`` counts NaN/inf/negative-ivar input pixels over the arms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stxcli.errors import FormatError
+from stxcli.hookspecs import hookimpl
+from stxcli.protocols import PRIORITY_SURVEY, FileProbe
+from stxcli.spectra import Arm, SpectrumBatch, SpectrumMeta
+
+from ._fits import clean_flux_ivar, median_snr, native_f32, open_fits, require_hdu
+
+ARMS = ("b", "r", "z")
+_FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+_N_RESOLUTION_ROWS = 64
+
+
+class DesiReader:
+    name = "desi"
+    version = "1.0.0"
+    priority = PRIORITY_SURVEY
+    extensions = (".fits",)
+    description = "DESI coadd and spectra files (healpix or tile): FIBERMAP + B/R/Z arms"
+
+    # ------------------------------------------------------------------------- identify
+    def identify(self, probe: FileProbe) -> bool:
+        fm = probe.hdu("FIBERMAP")
+        if fm is None or fm.kind != "bintable" or "TARGETID" not in fm.columns:
+            return False
+        names = {h.name for h in probe.hdus}
+        return any({f"{a.upper()}_WAVELENGTH", f"{a.upper()}_FLUX", f"{a.upper()}_IVAR"} <= names for a in ARMS)
+
+    # ----------------------------------------------------------------------------- read
+    def read(self, path: Path, *, chunk_size: int = 1024, with_resolution: bool = False) -> Iterator[SpectrumBatch]:
+        path = Path(path)
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be >= 1")
+        with open_fits(path, raw_scaling=True) as hdul:
+            fm = require_hdu(hdul, "FIBERMAP", path)
+            cols = {c.upper() for c in fm.columns.names}
+            for c in ("TARGETID", "TARGET_RA", "TARGET_DEC"):
+                if c not in cols:
+                    raise FormatError(f"{path}: FIBERMAP lacks column {c}")
+            nspec = int(fm.header["NAXIS2"])
+            per_exposure = "EXPID" in cols and "COADD_NUMEXP" not in cols
+            arms = [a for a in ARMS if f"{a.upper()}_FLUX" in hdul]
+            if not arms:
+                raise FormatError(f"{path}: no B/R/Z_FLUX HDU (not a DESI spectra or coadd file)")
+            layout = {a: self._arm_layout(hdul, a, nspec, path, with_resolution) for a in arms}
+            rpower = {a: self._resolving_power(layout[a], nspec) for a in arms}
+            fmdata = fm.data
+            for start in range(0, nspec, chunk_size):
+                stop = min(start + chunk_size, nspec)
+                yield self._chunk(path, fmdata, layout, rpower, start, stop, per_exposure, with_resolution)
+
+    def _arm_layout(self, hdul: Any, arm: str, nspec: int, path: Path, with_resolution: bool) -> dict[str, Any]:
+        X = arm.upper()
+        wave = np.asarray(require_hdu(hdul, f"{X}_WAVELENGTH", path).data, dtype=np.float64).ravel()
+        out: dict[str, Any] = {"name": arm, "wave": wave}
+        for kind in ("FLUX", "IVAR", "MASK", "RESOLUTION"):
+            key = f"{X}_{kind}"
+            if kind == "MASK" and key not in hdul:
+                out[kind] = None  # optional: mask from ivar only
+                continue
+            if kind == "RESOLUTION" and key not in hdul:
+                if with_resolution:
+                    raise FormatError(f"{path}: HDU {key!r} is missing (resolution matrix requested)")
+                out[kind] = None
+                continue
+            hdu = require_hdu(hdul, key, path)
+            shape = tuple(int(hdu.header[f"NAXIS{j}"]) for j in range(int(hdu.header["NAXIS"]), 0, -1))
+            if not shape or shape[0] != nspec or shape[-1] != wave.size:
+                raise FormatError(
+                    f"{path}: {key} has shape {shape}, expected ({nspec}, ..., {wave.size}) "
+                    f"(FIBERMAP rows, {X}_WAVELENGTH pixels)"
+                )
+            out[kind] = hdu
+        if out["MASK"] is not None:
+            h = out["MASK"].header
+            bscale, bzero = float(h.get("BSCALE", 1.0)), float(h.get("BZERO", 0.0))
+            # raw stored value whose physical value is 0 (physical = raw * BSCALE + BZERO)
+            out["mask_zero_raw"] = -bzero / bscale
+        return out
+
+    def _resolving_power(self, lay: dict[str, Any], nspec: int) -> np.ndarray | None:
+        hdu = lay["RESOLUTION"]
+        if hdu is None or nspec == 0:
+            return None
+        rows = np.unique(np.linspace(0, nspec - 1, min(nspec, _N_RESOLUTION_ROWS)).round().astype(int))
+        if rows.size == nspec:
+            res = native_f32(hdu.section[0:nspec])
+        else:
+            res = np.stack([native_f32(hdu.section[int(r)]) for r in rows])
+        return resolving_power_from_resolution(res, lay["wave"])
+
+    def _chunk(self, path: Path, fmdata: Any, layout: dict[str, dict[str, Any]], rpower: dict[str, Any],
+               start: int, stop: int, per_exposure: bool, with_resolution: bool) -> SpectrumBatch:
+        n = stop - start
+        arms: list[Arm] = []
+        n_bad = np.zeros(n, dtype=np.int64)
+        snr: dict[str, np.ndarray] = {}
+        for a, lay in layout.items():
+            flux = native_f32(lay["FLUX"].section[start:stop])
+            ivar = native_f32(lay["IVAR"].section[start:stop])
+            if lay["MASK"] is not None:
+                raw = np.asarray(lay["MASK"].section[start:stop])
+                zero = lay["mask_zero_raw"]
+                if raw.dtype.kind in "iu" and float(zero).is_integer():
+                    zero = raw.dtype.type(int(zero))
+                bad = raw != zero
+            else:
+                bad = np.zeros(flux.shape, dtype=bool)
+            flux, ivar, mask, nb = clean_flux_ivar(flux, ivar, bad)
+            n_bad += nb
+            snr[a] = median_snr(flux, ivar, mask)
+            res = native_f32(lay["RESOLUTION"].section[start:stop]) if with_resolution else None
+            arms.append(Arm(name=a, wave=lay["wave"], flux=flux, ivar=ivar, mask=mask,
+                            resolving_power=rpower[a], resolution=res))
+        tid = np.asarray(fmdata["TARGETID"][start:stop], dtype=np.int64)
+        rows = np.arange(start, stop, dtype=np.int64)
+        if per_exposure:
+            ids = np.char.add(np.char.add(tid.astype(str), ":"), rows.astype(str))
+        else:
+            ids = tid.astype(str)
+        meta = SpectrumMeta(
+            ids=ids,
+            survey="desi",
+            source_file=np.full(n, str(path)),
+            source_row=rows,
+            ra=np.asarray(fmdata["TARGET_RA"][start:stop], dtype=np.float64),
+            dec=np.asarray(fmdata["TARGET_DEC"][start:stop], dtype=np.float64),
+            rv_kms=np.full(n, np.nan),
+            snr=snr,
+            extra={"targetid": tid, "n_bad_input": n_bad},
+        )
+        return SpectrumBatch(arms=arms, meta=meta)
+
+
+def resolving_power_from_resolution(res: np.ndarray, wave: np.ndarray) -> np.ndarray | None:
+    """Per-pixel R = lambda / FWHM from DESI resolution matrices ``res`` (nrow, ndiag, npix).
+
+    The kernel of pixel j is ``res[:, :, j]`` over the diagonal offsets ``ndiag//2 .. -ndiag//2``;
+    its second moment gives a Gaussian-equivalent sigma (pixels), FWHM = 2.3548 sigma times the
+    local pixel width. Rows whose kernel sum is <= 0.5 (dead fibres: all zeros) are ignored;
+    the result is the median over the valid rows, or None when no row is valid.
+    """
+    ndiag = res.shape[1]
+    k = np.arange(ndiag // 2, -(ndiag // 2) - 1, -1, dtype=np.float64)[None, :, None]
+    s = res.sum(axis=1, dtype=np.float64)  # (nrow, npix)
+    valid = s > 0.5
+    if not valid.any():
+        return None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m1 = (k * res).sum(axis=1) / s
+        var = (k * k * res).sum(axis=1) / s - m1 * m1
+        dw = np.gradient(wave)
+        rp = wave[None, :] / (_FWHM_PER_SIGMA * np.sqrt(var) * dw[None, :])
+    rp[~valid | ~np.isfinite(rp) | (var <= 0)] = np.nan
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = np.nanmedian(rp, axis=0)
+    if np.isnan(out).any():  # a pixel with no valid kernel: nearest valid pixel's value
+        good = np.flatnonzero(~np.isnan(out))
+        if good.size == 0:
+            return None
+        idx = np.interp(np.arange(out.size), good, good).round().astype(int)
+        out = out[idx]
+    return out.astype(np.float64)
+
+
+@hookimpl
+def register_readers(register: Any) -> None:
+    register(DesiReader())
