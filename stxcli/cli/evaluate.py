@@ -397,7 +397,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare predictions with true labels: MAE, bias, robust scatter, 1/2-sigma calibration,
         overall, for [Fe/H] < -1 and >= -1 and per SNR bin; scatter / Cramer-Rao bound when TRUTH has
-        <label>_crb columns. Writes REPORT/report.json and PNG plots."""
+        <label>_crb columns. Writes REPORT/report.json and PNG plots.
+
+        Example: stx evaluate catalog.fits truth.csv --id-column obsid -o report/
+        """
         try:
             edges = parse_snr_edges(snr_bins)
         except ValueError as exc:
