@@ -241,3 +241,39 @@ def test_failure_bad_options_and_output(setup, capsys):
     assert main(["evaluate", str(pred), str(truth), "-o", str(busy)]) == 1
     assert "not an stx evaluate report" in capsys.readouterr().err
     assert sorted(p.name for p in busy.iterdir()) == ["precious.txt"]
+
+
+def test_real_lamost_catalog_as_truth(shared, tmp_path, capsys):
+    """The real LAMOST DR10 label catalog (text columns, 9-digit obsids, no metal-poor star) as TRUTH."""
+    cat = shared / "lamost-dr10-train" / "labels.csv"
+    with open(cat, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    n = len(rows)
+    teff = np.array([float(r["teff"]) for r in rows])
+    feh = np.array([float(r["feh"]) for r in rows])
+    cols = [fits.Column(name="id", format="12A", array=np.array([r["obsid"] for r in rows])),
+            fits.Column(name="teff", format="D", array=teff + 50.0),                # +50 K for every star
+            fits.Column(name="teff_err", format="D", array=np.full(n, 75.0)),        # inside 1 sigma
+            fits.Column(name="feh", format="D", array=feh - 0.075 * (np.arange(n) % 2)),  # 0 / -0.075 dex
+            fits.Column(name="feh_err", format="D", array=np.full(n, 0.05))]        # 0 and 1.5 sigma
+    pred = tmp_path / "pred.fits"
+    fits.BinTableHDU.from_columns(cols, name="PREDICTIONS").writeto(pred)
+    out = tmp_path / "r"
+    assert main(["evaluate", str(pred), str(cat), "--id-column", "obsid", "--snr-column", "snrg",
+                 "--snr-bins", "0,40,inf", "-o", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["inputs"]["n_matched"] == n == 1037
+    t = rep["overall"]["teff"]
+    assert t["mae"] == pytest.approx(50.0) and t["bias"] == pytest.approx(50.0) and t["scatter"] == pytest.approx(0.0, abs=1e-9)
+    assert t["frac_1sigma"] == 1.0 and t["frac_2sigma"] == 1.0
+    f = rep["overall"]["feh"]
+    assert f["mae"] == pytest.approx(0.075 * (n // 2) / n)
+    assert f["bias"] == pytest.approx(0.0)  # 519 zeros, 518 x -0.075: the median is 0
+    # |residual| = 0 for the even rows (within 1 sigma), 1.5 sigma for the odd rows (within 2 only)
+    assert f["frac_1sigma"] == pytest.approx((n - n // 2) / n) and f["frac_2sigma"] == 1.0
+    # this catalogue has no star below [Fe/H] = -1: the metal-poor subset is empty, not an error
+    assert rep["feh_split"]["feh<-1"]["teff"]["n"] == 0 and rep["feh_split"]["feh<-1"]["teff"]["mae"] is None
+    assert rep["feh_split"]["feh>=-1"]["teff"]["n"] == n
+    snrg = np.array([float(r["snrg"]) for r in rows])
+    assert [b["n"] for b in rep["snr_bins"]] == [int((snrg < 40).sum()), int((snrg >= 40).sum())]
+    assert rep["inputs"]["snr_source"] == "truth column 'snrg'"
