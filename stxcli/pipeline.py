@@ -166,62 +166,43 @@ def iter_feature_batches(paths: Sequence[Path], featurizer: Featurizer, *, forma
 # -------------------------------------------------------------------------------- label catalogs
 
 
-def read_table(path: str | os.PathLike[str]) -> Any:
-    """A FITS or CSV/ECSV table as an astropy Table (one-line errors)."""
-    from astropy.table import Table
+def read_catalog(path: str | os.PathLike[str], id_column: str, columns: Sequence[str], *,
+                 by_file: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Catalog keys (ids as exact text, or file base names) and float64 columns.
 
-    p = Path(path)
-    if not p.exists():
-        raise StxError(f"{p}: no such catalog")
-    fmt = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".txt": "ascii"}.get(p.suffix.lower())
-    try:
-        return Table.read(p, format=fmt) if fmt else Table.read(p)
-    except Exception as exc:
-        raise StxError(f"{p}: cannot read catalog ({type(exc).__name__}: {exc})") from exc
+    Column names are case-insensitive. A missing id or value column, or a duplicate id, is an
+    error naming the catalog."""
+    from .tables import read_table
 
-
-def _key_strings(values: Any, by_file: bool) -> np.ndarray:
-    arr = np.asarray(values)
-    if hasattr(values, "mask"):
-        arr = np.asarray(values.filled("" if arr.dtype.kind in "US" else -1))
-    keys = np.array([str(v).strip() for v in arr], dtype=object)
+    table = read_table(Path(path))
+    keys = table.ids(id_column.lower(), "catalog")
     if by_file:
-        keys = np.array([os.path.basename(k) for k in keys], dtype=object)
-    return keys
-
-
-def catalog_lookup(catalog: Any, id_column: str, columns: Sequence[str], *, by_file: bool,
-                   path: str = "catalog") -> dict[str, dict[str, float]]:
-    """``{key: {column: value}}`` from a catalog; errors for a missing column or duplicate ids."""
-    if id_column not in catalog.colnames:
-        raise StxError(f"{path}: id column {id_column!r} not found (columns: {', '.join(catalog.colnames)})")
-    missing = [c for c in columns if c not in catalog.colnames]
-    if missing:
-        raise StxError(f"{path}: label column(s) {', '.join(missing)} not found "
-                       f"(columns: {', '.join(catalog.colnames)})")
-    keys = _key_strings(catalog[id_column], by_file)
-    uniq, counts = np.unique(keys.astype(str), return_counts=True)
+        keys = np.array([os.path.basename(k) for k in keys])
+    values = {}
+    for c in columns:
+        v = table.numeric(c.lower())
+        if v is None:
+            what = "not numeric" if c.lower() in table.columns else "not found"
+            raise StxError(f"{path}: label column {c!r} {what} (columns: {', '.join(table.columns)})")
+        values[c] = v
+    uniq, counts = np.unique(keys, return_counts=True)
     if (counts > 1).any():
         dup = uniq[counts > 1]
         raise StxError(f"{path}: {len(dup)} duplicate id(s) in column {id_column!r}, e.g. {dup[0]}")
-    values = {}
-    for c in columns:
-        col = catalog[c]
-        v = np.asarray(col.filled(np.nan) if hasattr(col, "filled") else col, dtype=np.float64)
-        values[c] = v
-    return {k: {c: float(values[c][i]) for c in columns} for i, k in enumerate(keys)}
+    return keys, values
 
 
-def join_labels(ids: np.ndarray, source_files: np.ndarray, lookup: dict[str, dict[str, float]],
-                columns: Sequence[str], *, by_file: bool) -> tuple[dict[str, np.ndarray], int]:
+def join_labels(ids: np.ndarray, source_files: np.ndarray, keys: np.ndarray,
+                values: dict[str, np.ndarray], *, by_file: bool) -> tuple[dict[str, np.ndarray], int]:
     """Label arrays (float32, NaN where absent) aligned to the store rows, and the match count."""
-    keys = [os.path.basename(str(f)) for f in source_files] if by_file else [str(i) for i in ids]
-    out = {c: np.full(len(keys), np.nan, np.float32) for c in columns}
-    matched = 0
-    for row, k in enumerate(keys):
-        hit = lookup.get(k)
-        if hit is not None:
-            matched += 1
-            for c in columns:
-                out[c][row] = hit[c]
-    return out, matched
+    from .tables import join_ids
+
+    rows = (np.array([os.path.basename(str(f)) for f in source_files]) if by_file
+            else np.asarray(ids).astype(str))
+    row_idx, cat_idx = join_ids(rows, keys)
+    out = {}
+    for c, v in values.items():
+        col = np.full(len(rows), np.nan, np.float32)
+        col[row_idx] = v[cat_idx]
+        out[c] = col
+    return out, int(len(row_idx))

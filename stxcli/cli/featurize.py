@@ -60,20 +60,26 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
                   settings: dict[str, Any] | None = None, format: str | None = None,
                   labels: Path | None = None, id_column: str = "id",
                   label_columns: list[str] | None = None, match_by: str = "id",
-                  rv_column: str | None = None, workers: int = 1, chunk_size: int = 1024) -> dict[str, Any]:
+                  rv_column: str | None = None, workers: int = 1, chunk_size: int = 1024,
+                  dask: Any = None, dask_partition: int | None = None, dask_retries: int = 2) -> dict[str, Any]:
     """Featurize ``inputs`` into the store ``output``; return the summary. Programmatic API of
-    ``stx featurize`` (the demo and the tests call it)."""
+    ``stx featurize`` (the demo and the tests call it).
+
+    ``dask``: a scheduler address, ``"local"`` / ``"local:N"`` (a LocalCluster), or an open
+    ``distributed.Client``; the files are then featurized in partitions on that cluster (see
+    :mod:`stxcli.distributed`) and the store equals the single-process one."""
     import numpy as np
 
     from .. import flags as F
-    from ..pipeline import (build_featurizer, catalog_lookup, expand_inputs, join_labels, map_files,
-                            read_table)
+    from ..pipeline import build_featurizer, expand_inputs, join_labels, map_files, read_catalog
     from ..store import StoreWriter, featurizer_key
 
     if match_by not in ("id", "file"):
         raise UsageError(f"--match-by must be 'id' or 'file', got {match_by!r}")
     if workers < 1:
         raise UsageError("--workers must be >= 1")
+    if dask is not None and workers > 1:
+        raise UsageError("--workers and --dask exclude each other; use --dask local:N for N local workers")
     output = Path(output)
     paths = expand_inputs(inputs)
     feat = build_featurizer(featurizer, settings or {})
@@ -82,20 +88,33 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
     by_file = match_by == "file"
 
     # Read the catalog first: a bad catalog must fail before hours of featurizing.
-    lookup = None
+    catalog = None
     rv_lookup = None
     if labels is not None:
-        cat = read_table(labels)
         cols = label_columns + ([rv_column] if rv_column and rv_column not in label_columns else [])
-        lookup = catalog_lookup(cat, id_column, cols, by_file=by_file, path=str(labels))
+        catalog = read_catalog(labels, id_column, cols, by_file=by_file)
         if rv_column:
             if by_file:
                 raise UsageError("--rv-column needs --match-by id")
-            rv_lookup = {k: v[rv_column] for k, v in lookup.items()}
+            rv_lookup = dict(zip(catalog[0].tolist(), catalog[1][rv_column].tolist()))
     elif label_columns or rv_column:
         raise UsageError("--label-columns / --rv-column need --labels CATALOG")
 
     fkey = featurizer_key(feat.name, feat.version, fconfig)
+    if dask is not None:
+        from ..distributed import featurize_on_dask
+        from ..pipeline import sha256_file
+
+        res = featurize_on_dask(dask, paths, output, feat, format=format, chunk_size=chunk_size,
+                                lookup=lookup, rv_lookup=rv_lookup, label_columns=label_columns,
+                                by_file=by_file, labels=labels, id_column=id_column, match_by=match_by,
+                                job_opts={"format": format, "chunk": chunk_size, "rv": rv_column,
+                                          "rv_catalog": sha256_file(Path(labels)) if rv_lookup else None},
+                                partition_files=dask_partition, retries=dask_retries)
+        summary = _summarize(output, res["n_spectra"], len(paths), feat, res["readers"], label_columns,
+                             res["n_labelled"] if label_columns else None, res["checksum"], res["notes"])
+        summary["dask"] = res["dask"]
+        return summary
     rkey = _resume_key(fkey, paths, {"format": format, "chunk": chunk_size, "rv": rv_column,
                                      "labels": str(labels) if labels else None})
     partial = output.with_name(f".{output.name}.partial")
@@ -133,10 +152,12 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
             raise StxError("no spectra were read from the inputs")
         ids = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in writer.f["ids"][:]])
         n_match = None
-        if lookup is not None and label_columns:
+        if catalog is not None and label_columns:
             src = writer.f["meta/source_file"][:]
             src = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in src])
-            values, n_match = join_labels(ids, src, lookup, label_columns, by_file=by_file)
+            keys, cat_values = catalog
+            values, n_match = join_labels(ids, src, keys, {c: cat_values[c] for c in label_columns},
+                                          by_file=by_file)
             if n_match == 0:
                 other = "file" if match_by == "id" else "id"
                 raise StxError(f"{labels}: no catalog row matches a spectrum by {match_by} "
@@ -161,18 +182,25 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
     import os
 
     os.replace(partial, output)
+    return _summarize(output, int(len(ids)), len(paths), feat, readers, label_columns, n_match, checksum, notes)
 
+
+def _summarize(output: Path, n_spectra: int, n_files: int, feat: Any, readers: dict[str, int],
+               label_columns: list[str], n_match: int | None, checksum: str, notes: list[str]) -> dict[str, Any]:
+    """Warn about flagged spectra, print the featurizer's notes, and build the summary."""
+    import numpy as np
+
+    from .. import flags as F
     from ..store import FeatureStore
 
     with FeatureStore.open(output) as st:
-        q = st.quality
-    fl = q.get("flags", np.zeros(0, np.int32))
+        fl = st.f["quality/flags"][:] if "flags" in st.f["quality"] else np.zeros(0, np.int32)
     flag_counts = {name: int(((fl & bit) != 0).sum()) for bit, name in F.NAMES.items() if ((fl & bit) != 0).any()}
     for name, count in flag_counts.items():
         console.warn(f"{count} spectra flagged {name}")
     for note in sorted(set(notes)):
         console.info(note)
-    return {"output": str(output), "n_spectra": int(len(ids)), "n_files": len(paths), "dim": feat.dim,
+    return {"output": str(output), "n_spectra": n_spectra, "n_files": n_files, "dim": feat.dim,
             "featurizer": feat.name, "readers": readers, "flags": flag_counts,
             "labels": label_columns, "n_labelled": n_match, "checksum": checksum}
 
@@ -192,6 +220,9 @@ def register(app: typer.Typer) -> None:
         rv_column: Optional[str] = typer.Option(None, "--rv-column", help="Catalog column with radial velocities (km/s) used for the rest frame."),
         workers: int = typer.Option(1, "--workers", "-j", help="Worker processes (parallel over files)."),
         chunk_size: int = typer.Option(1024, "--chunk-size", help="Spectra per batch when reading large files."),
+        dask: Optional[str] = typer.Option(None, "--dask", help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or local[:N] for N local worker processes. Needs the extra stx[dask]; the parts folder beside the output must be visible to every worker."),
+        dask_partition: Optional[int] = typer.Option(None, "--dask-partition", help="Files per Dask partition (default: about 64 partitions, at most 64 files each)."),
+        dask_retries: int = typer.Option(2, "--dask-retries", help="Times a failed Dask partition is resubmitted (data errors are not retried)."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
@@ -199,6 +230,9 @@ def register(app: typer.Typer) -> None:
 
         Each file's format is identified from its content (LAMOST LRS, DESI coadd/spectra, 1-D FITS);
         an interrupted run resumes where it stopped when started again with the same arguments.
+        With --dask the files are split into partitions run on a Dask cluster; each writes its own
+        part, failed partitions are retried, a rerun skips finished parts, and the combined store
+        equals the single-process one (same row order).
 
         Example: stx featurize ../shared/data/lamost-dr10/spectra -o dr10.h5 --labels labels.csv --id-column obsid
         """
@@ -206,7 +240,8 @@ def register(app: typer.Typer) -> None:
         cols = [c.strip() for c in label_columns.split(",") if c.strip()] if labels else []
         summary = run_featurize(inputs, output, featurizer=featurizer, settings=parse_settings(settings),
                                 format=format, labels=labels, id_column=id_column, label_columns=cols,
-                                match_by=match_by, rv_column=rv_column, workers=workers, chunk_size=chunk_size)
+                                match_by=match_by, rv_column=rv_column, workers=workers, chunk_size=chunk_size,
+                                dask=dask, dask_partition=dask_partition, dask_retries=dask_retries)
         if json_out:
             console.print_json(summary)
         else:
