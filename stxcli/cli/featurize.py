@@ -70,7 +70,6 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
     :mod:`stxcli.distributed`) and the store equals the single-process one."""
     import numpy as np
 
-    from .. import flags as F
     from ..pipeline import build_featurizer, expand_inputs, join_labels, map_files, read_catalog
     from ..store import StoreWriter, featurizer_key
 
@@ -106,7 +105,7 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
         from ..pipeline import sha256_file
 
         res = featurize_on_dask(dask, paths, output, feat, format=format, chunk_size=chunk_size,
-                                lookup=lookup, rv_lookup=rv_lookup, label_columns=label_columns,
+                                catalog=catalog, rv_lookup=rv_lookup, label_columns=label_columns,
                                 by_file=by_file, labels=labels, id_column=id_column, match_by=match_by,
                                 job_opts={"format": format, "chunk": chunk_size, "rv": rv_column,
                                           "rv_catalog": sha256_file(Path(labels)) if rv_lookup else None},
