@@ -8,6 +8,7 @@ functions so that importing a reader module stays cheap.
 
 from __future__ import annotations
 
+import re
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -102,6 +103,112 @@ def require_hdu(hdul: Any, name: str, path: Path) -> Any:
         raise FormatError(f"{path}: HDU {name!r} is missing (file has: {have})") from None
 
 
+_TFORM = re.compile(r"^\s*(\d*)([LXBIJKAEDCMPQ])")
+_TFORM_BYTES = {"L": 1, "B": 1, "I": 2, "J": 4, "K": 8, "A": 1, "E": 4, "D": 8, "C": 8, "M": 16, "P": 8, "Q": 16}
+_TFORM_DTYPE = {"B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
+
+
+def is_plain_file(path: Path) -> bool:
+    """True for an uncompressed FITS file (raw bytes can be memory-mapped at header offsets)."""
+    with open(path, "rb") as fh:
+        return fh.read(6) == b"SIMPLE"
+
+
+def table_columns(hdul: Any, extname: str, names: tuple[str, ...], path: Path) -> Any:
+    """A function ``rows(start, stop) -> {name: native array}`` for scalar numeric columns of a
+    binary table.
+
+    For an uncompressed file the columns are read straight from a memory map of the table's
+    rows at the offsets given by its TFORMs (no astropy ``FITS_rec``, whose 70-column setup costs
+    more than reading a DESI FIBERMAP). Otherwise, or for columns with TSCAL/TZERO or vector
+    formats, astropy's table access is used.
+    """
+    hdu = require_hdu(hdul, extname, path)
+    hdr = hdu.header
+    ncol = int(hdr.get("TFIELDS", 0))
+    offsets: dict[str, tuple[int, str | None]] = {}
+    pos = 0
+    for j in range(1, ncol + 1):
+        m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
+        if m is None:
+            pos = -1
+            break
+        rep = int(m.group(1)) if m.group(1) else 1
+        code = m.group(2)
+        width = (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
+        plain = rep == 1 and code in _TFORM_DTYPE and f"TSCAL{j}" not in hdr and f"TZERO{j}" not in hdr
+        offsets[str(hdr.get(f"TTYPE{j}", "")).strip().upper()] = (pos, _TFORM_DTYPE[code] if plain else None)
+        pos += width
+    fast = (
+        pos == int(hdr.get("NAXIS1", -2))
+        and all(n in offsets and offsets[n][1] is not None for n in names)
+        and is_plain_file(path)
+    )
+    if fast:
+        nrows = int(hdr["NAXIS2"])
+        dtype = np.dtype({"names": list(names), "formats": [offsets[n][1] for n in names],
+                          "offsets": [offsets[n][0] for n in names], "itemsize": pos})
+        mm = np.memmap(path, dtype=dtype, mode="r", offset=int(hdu.fileinfo()["datLoc"]), shape=(nrows,))
+
+        def rows(start: int, stop: int) -> dict[str, np.ndarray]:
+            block = mm[start:stop]
+            return {n: block[n].astype(block[n].dtype.newbyteorder("="), copy=True) for n in names}
+
+        return rows
+    data = hdu.data
+
+    def rows_astropy(start: int, stop: int) -> dict[str, np.ndarray]:
+        return {n: np.array(data[n][start:stop]) for n in names}
+
+    return rows_astropy
+
+
+_BITPIX_DTYPE = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+class ImageRows:
+    """Row access (first numpy axis) to one image HDU without loading the whole HDU.
+
+    In an uncompressed file the HDU's data block is a view, at the offset astropy found
+    (``fileinfo()['datLoc']``) and with the dtype and shape of its header, into ``filemap``, one
+    numpy memory map of the whole file shared by all HDUs: a slice costs nothing until its pages
+    are read, and no astropy per-HDU setup is paid. For a compressed HDU (or a gzip file, where
+    ``filemap`` is None) ``hdu.section`` decompresses only the tiles needed. Values are raw:
+    BZERO/BSCALE are *not* applied (open the file with ``raw_scaling=True`` so the ``section``
+    path is raw too); ``zero_raw`` is the raw value whose physical value is 0.
+    """
+
+    def __init__(self, hdul: Any, name: str, path: Path, filemap: np.ndarray | None) -> None:
+        from astropy.io import fits
+
+        hdu = require_hdu(hdul, name, path)
+        hdr = hdu.header
+        naxis = int(hdr.get("NAXIS", 0))
+        self.name = name
+        self.shape: tuple[int, ...] = tuple(int(hdr[f"NAXIS{j}"]) for j in range(naxis, 0, -1))
+        bscale, bzero = float(hdr.get("BSCALE", 1.0)), float(hdr.get("BZERO", 0.0))
+        self.zero_raw = -bzero / bscale
+        self._hdu = hdu
+        self._view: np.ndarray | None = None
+        bitpix = int(hdr.get("BITPIX", 0))
+        if filemap is not None and not isinstance(hdu, fits.CompImageHDU) and bitpix in _BITPIX_DTYPE and self.shape:
+            offset = int(hdu.fileinfo()["datLoc"])  # HDUList.fileinfo re-serialises every header
+            dtype = np.dtype(_BITPIX_DTYPE[bitpix])
+            if offset + dtype.itemsize * int(np.prod(self.shape)) > filemap.size:
+                raise FormatError(f"{path}: HDU {name} extends past the end of the file (truncated)")
+            self._view = np.ndarray(self.shape, dtype=dtype, buffer=filemap, offset=offset)
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        if self._view is not None:
+            return self._view[start:stop]
+        return np.asarray(self._hdu.section[start:stop])
+
+
+def file_map(path: Path) -> np.ndarray | None:
+    """A read-only numpy memory map of an uncompressed file's bytes, or None (compressed)."""
+    return np.memmap(path, dtype=np.uint8, mode="r") if is_plain_file(path) else None
+
+
 def header_float(header: Any, *keys: str, missing: tuple[float, ...] = ()) -> float:
     """The first of ``keys`` present in ``header`` as a float; NaN when absent, blank,
     not numeric or equal to one of the ``missing`` sentinels (e.g. -9999)."""
@@ -134,28 +241,63 @@ def native_f32(a: Any) -> np.ndarray:
 
 
 def clean_flux_ivar(flux: np.ndarray, ivar: np.ndarray, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mask NaN/inf flux or ivar and negative ivar on top of ``bad`` (in place where possible).
+    """Mask NaN/inf flux or ivar and negative ivar on top of ``bad``; modifies its arguments.
 
-    Returns ``(flux, ivar, mask, n_bad_input)``: bad pixels get ``flux = ivar = 0``;
-    ``n_bad_input`` (int64 per spectrum) counts the pixels whose *input* flux or ivar was NaN,
-    inf or (ivar) negative, so a caller can flag and warn instead of crashing.
+    Returns ``(flux, ivar, mask, n_bad_input)``: ``mask = bad | ivar <= 0 | non-finite`` and
+    masked pixels get ``flux = ivar = 0``; ``n_bad_input`` (int64 per spectrum) counts the pixels
+    whose *input* flux or ivar was NaN, inf or (ivar) negative, so a caller can flag and warn
+    instead of crashing. Rows are screened with two sums (NaN/inf propagate) and a minimum, and
+    only suspect rows are examined pixel by pixel, which keeps clean data fast.
     """
-    nonfinite = ~np.isfinite(flux) | ~np.isfinite(ivar) | (ivar < 0)
-    n_bad_input = nonfinite.sum(axis=1, dtype=np.int64)
-    mask = bad | nonfinite | (ivar == 0)
-    flux[mask] = 0.0
-    ivar[mask] = 0.0
+    n_bad_input = np.zeros(flux.shape[0], dtype=np.int64)
+    if flux.size == 0:
+        return flux, ivar, bad, n_bad_input
+    with np.errstate(over="ignore", invalid="ignore"):
+        # NaN/inf flux make the row sum non-finite; NaN or negative ivar fail min >= 0 and
+        # +inf ivar fails a finite max
+        suspect = ~np.isfinite(flux.sum(axis=1)) | ~(ivar.min(axis=1) >= 0) | ~np.isfinite(ivar.max(axis=1))
+    rows = np.flatnonzero(suspect)
+    if rows.size:
+        nonfinite = ~np.isfinite(flux[rows]) | ~np.isfinite(ivar[rows]) | (ivar[rows] < 0)
+        n_bad_input[rows] = nonfinite.sum(axis=1)
+        bad[rows] |= nonfinite
+        ivar[rows] = np.where(nonfinite, np.float32(0), ivar[rows])
+    mask = bad
+    np.logical_or(mask, ivar <= 0, out=mask)
+    np.copyto(flux, 0.0, where=mask)
+    np.copyto(ivar, 0.0, where=mask)
     return flux, ivar, mask, n_bad_input
 
 
-def median_snr(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Per-spectrum median of ``flux * sqrt(ivar)`` over good pixels; 0 where none is good."""
-    s = flux * np.sqrt(ivar)
-    s[mask] = np.nan
-    out = np.zeros(flux.shape[0], dtype=np.float32)
-    has = ~mask.all(axis=1)
-    if has.any():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            out[has] = np.nanmedian(s[has], axis=1)
+def masked_median(values: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Row-wise median of ``values`` (n, m) over the entries where ``bad`` is False; NaN for a
+    row with no good entry. Sort-based and vectorised (about twice as fast as ``nanmedian``)."""
+    s = np.where(bad, np.inf, values)
+    s.sort(axis=1)
+    k = (~bad).sum(axis=1)
+    lo = np.maximum((k - 1) // 2, 0)[:, None]
+    hi = np.minimum(k // 2, values.shape[1] - 1)[:, None]
+    out = 0.5 * (np.take_along_axis(s, lo, axis=1)[:, 0] + np.take_along_axis(s, hi, axis=1)[:, 0])
+    out[k == 0] = np.nan
     return out
+
+
+#: median_snr evaluates the median on every SNR_STRIDE-th pixel (see its docstring).
+SNR_STRIDE = 8
+
+
+def median_snr(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, stride: int = 1) -> np.ndarray:
+    """Per-spectrum median of ``flux * sqrt(ivar)`` over good pixels; 0 where none is good.
+
+    ``stride > 1`` takes the median over every ``stride``-th pixel only: for a spectrum of a few
+    thousand pixels that is still hundreds of samples (a median within a few per cent of the full
+    one) at a fraction of the sorting cost, which matters for files of 10^5 spectra.
+    """
+    f, i, m = (flux, ivar, mask) if stride == 1 else (flux[:, ::stride], ivar[:, ::stride], mask[:, ::stride])
+    snr = masked_median(f * np.sqrt(i), m).astype(np.float32)
+    if stride > 1:  # rows whose good pixels all fall between the samples: use every pixel
+        redo = np.flatnonzero(np.isnan(snr) & ~mask.all(axis=1))
+        if redo.size:
+            snr[redo] = masked_median(flux[redo] * np.sqrt(ivar[redo]), mask[redo])
+    snr[np.isnan(snr)] = 0.0
+    return snr
