@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -118,7 +119,7 @@ def connect(target: "str | DaskTarget | Any") -> Iterator[Any]:
 
         try:
             cluster = distributed.LocalCluster(n_workers=target.n_workers, threads_per_worker=1,
-                                               processes=True, dashboard_address=None,
+                                               processes=True, dashboard_address="127.0.0.1:0",
                                                silence_logs=logging.ERROR)
         except Exception as exc:
             raise StxError(f"cannot start a local Dask cluster ({type(exc).__name__}: {exc})") from exc
@@ -251,8 +252,8 @@ def run_parts(client: Any, parts: Sequence[Part], task: Callable[..., dict[str, 
                     n = attempts.get(p.index, 0) + 1
                     attempts[p.index] = n
                     if n > retries:
-                        raise StxError(f"partition {p.index} ({p.files[0]} ...) failed {n} times; last error: "
-                                       f"{type(exc).__name__}: {exc}") from exc
+                        raise StxError(f"partition {p.index} ({p.files[0]} ...) failed on each of its {n} "
+                                       f"attempt(s); last error: {type(exc).__name__}: {exc}") from exc
                     stats.retried += 1
                     console.warn(f"partition {p.index} failed ({type(exc).__name__}: {exc}); "
                                  f"retrying ({n}/{retries})")
@@ -359,7 +360,7 @@ def featurize_part(part: Part, job: FeaturizeJob, rv_lookup: dict[str, float] | 
         finally:
             w.close()
     return {"index": part.index, "n": n, "files": len(part.files), "seconds": time.perf_counter() - t0,
-            "pid": os.getpid()}
+            "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def part_is_done(part: Part) -> bool:
@@ -500,4 +501,5 @@ def featurize_on_dask(dask: "str | DaskTarget | Any", paths: list[Path], output:
             "n_labelled": comb.n_match if comb.join else None,
             "dask": {"scheduler": address, "workers": stats.workers, "partitions": stats.partitions,
                      "files_per_partition": per_part, "reused": stats.reused, "computed": stats.computed,
+                     "workers_used": len({i["worker"] for i in stats.task_info}),
                      "retried": stats.retried, "task_seconds": round(stats.seconds_in_tasks, 3)}}
