@@ -130,24 +130,117 @@ class FeaturizerFactory(Protocol):
 # ------------------------------------------------------------------------------ heads, adapters
 
 
+class Head(Protocol):
+    """A configured regression head (what ``HeadFactory(**config)`` returns).
+
+    The network it builds maps *standardised* features ``(B, D)`` (the core subtracts the
+    training mean and divides by the standard deviation) to a mean and a log-variance per label
+    in *standardised label space*, each shaped ``(K, B, L)`` where ``K`` is the number of ensemble
+    members (1 without an ensemble). The core owns label transforms, standardisation, the loss,
+    the training loop, saving and predicting; a head only builds (and, if closed-form, fits) the
+    network. Full contract and a worked example: docs/models.md.
+    """
+
+    name: str
+    version: str
+    #: True when the head is fitted by :meth:`fit` (e.g. ridge) instead of gradient descent.
+    closed_form: bool
+
+    def config(self) -> dict[str, Any]:
+        """The full configuration (every default spelled out): ``factory(**config())`` rebuilds
+        an identical head."""
+
+    def build(self, in_dim: int, n_labels: int) -> Any:
+        """A ``torch.nn.Module``: ``forward(x) -> (mean, logvar)``, each ``(K, B, L)``.
+
+        Optional on the module: ``forward_hidden(x) -> (mean, logvar, hidden)`` with ``hidden``
+        ``(B, H)`` and an int attribute ``hidden_dim = H`` (the residual adapter can use it)."""
+
+    def fit(self, module: Any, data: Any) -> dict[str, Any]:
+        """Closed-form heads only: fit ``module`` in place from ``data`` (a
+        :class:`stxcli.train.FitData`: ``iter_train()`` / ``iter_val()`` yield standardised
+        ``(x, y, w)`` numpy chunks, NaN where a label is missing); return a small JSON-able info
+        dict (chosen regularisation, ...)."""
+
+    def training_defaults(self) -> dict[str, Any]:
+        """Optional: defaults for the training loop (``lr``, ``epochs``, ``batch_size``, ...)."""
+
+
 class HeadFactory(Protocol):
-    """Builds a regression head. See the models guide in docs/ for the full contract."""
+    """Registered through ``register_heads``; ``factory(**config)`` returns a :class:`Head`.
+    Unknown config keys raise ``TypeError`` (shown to the user as a usage error)."""
 
     name: str
     version: str
     description: str
 
-    def __call__(self, **config: Any) -> Any: ...
+    def __call__(self, **config: Any) -> Head: ...
+
+
+class Adapter(Protocol):
+    """A configured fine-tuning adapter (what ``AdapterFactory(**config)`` returns).
+
+    It wraps a pre-trained head network (the module :meth:`Head.build` made, weights loaded)
+    without changing its input/output contract. Saved as ``adapter_config.json`` (from
+    :meth:`adapter_config`) plus ``adapter_model.safetensors`` (from :meth:`state_dict`), apart
+    from the base, so one base serves many adapters. Full contract: docs/models.md.
+    """
+
+    name: str
+    version: str
+
+    def config(self) -> dict[str, Any]:
+        """The full configuration: ``factory(**config())`` rebuilds an identical adapter."""
+
+    def attach(self, base: Any) -> Any:
+        """Freeze what must stay frozen and return the module to train (same forward contract as
+        the base). Fresh adapter weights must leave the output equal to the base's."""
+
+    def param_groups(self, model: Any) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (``{"params": [...], "lr_scale": 1.0}``): exactly the
+        trainable tensors; ``lr_scale`` multiplies the learning rate (layer-wise decay)."""
+
+    def state_dict(self, model: Any) -> dict[str, Any]:
+        """The adapter's own tensors, under the names they are saved with."""
+
+    def load_state_dict(self, model: Any, tensors: dict[str, Any]) -> None:
+        """Load what :meth:`state_dict` returned into a freshly attached ``model`` (strict)."""
+
+    def merge(self, model: Any) -> Any:
+        """A module for inference with the adapter folded in where it can be (LoRA), else
+        ``model`` itself."""
+
+    def adapter_config(self) -> dict[str, Any]:
+        """The JSON written to ``adapter_config.json``."""
+
+    def training_defaults(self) -> dict[str, Any]:
+        """Defaults for the fine-tuning loop (``lr``, ``epochs``, ``patience``, ...)."""
+
+
+class AdapterSelector(Protocol):
+    """An adapter that trains no weights itself but chooses, per label, among ``candidates``
+    (other adapters' names) from their validation scores (the built-in ``auto``)."""
+
+    name: str
+    version: str
+    candidates: list[str]
+    metric: str
+
+    def config(self) -> dict[str, Any]: ...
+
+    def choose(self, scores: dict[str, dict[str, float]]) -> dict[str, str]:
+        """``scores[candidate][label]`` (lower is better) -> ``{label: candidate}``."""
 
 
 class AdapterFactory(Protocol):
-    """Builds a fine-tuning adapter. See the models guide in docs/ for the full contract."""
+    """Registered through ``register_adapters``; ``factory(**config)`` returns an
+    :class:`Adapter` (or an :class:`AdapterSelector`)."""
 
     name: str
     version: str
     description: str
 
-    def __call__(self, **config: Any) -> Any: ...
+    def __call__(self, **config: Any) -> Adapter: ...
 
 
 KINDS = ("reader", "featurizer", "head", "adapter")
