@@ -1,0 +1,85 @@
+"""The torch networks of the built-in heads (imported lazily by :mod:`.mlp` and :mod:`.ridge`).
+
+Both follow the head contract of :mod:`stxcli.protocols`: ``forward(x) -> (mean, logvar)``, each
+``(K, B, L)``, in standardised label space.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "elu": nn.ELU}
+
+
+def bound_logvar(raw: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Smoothly keep a log-variance within [lo, hi] (gradients never vanish abruptly)."""
+    x = hi - F.softplus(hi - raw)
+    return lo + F.softplus(x - lo)
+
+
+class MLPMember(nn.Module):
+    """One MLP: ``hidden`` (Linear, activation[, Dropout]) blocks, then ``out`` -> 2L values."""
+
+    def __init__(self, in_dim: int, hidden: list[int], n_labels: int, activation: str, dropout: float) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers.append(nn.Linear(d, h))
+            layers.append(ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        self.hidden = nn.Sequential(*layers)
+        self.out = nn.Linear(d, 2 * n_labels)
+        nn.init.zeros_(self.out.bias)
+        self.width = d
+
+
+class MLPNet(nn.Module):
+    """``K`` independent MLP members (a deep ensemble when K > 1)."""
+
+    def __init__(self, in_dim: int, hidden: list[int], n_labels: int, activation: str, dropout: float,
+                 ensemble: int, logvar_min: float, logvar_max: float) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(
+            MLPMember(in_dim, hidden, n_labels, activation, dropout) for _ in range(ensemble))
+        self.n_labels = n_labels
+        self.logvar_min, self.logvar_max = logvar_min, logvar_max
+        self.hidden_dim = ensemble * self.members[0].width
+
+    def _split(self, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        L = self.n_labels
+        return o[..., :L], bound_logvar(o[..., L:], self.logvar_min, self.logvar_max)
+
+    def forward_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hs = [m.hidden(x) for m in self.members]
+        o = torch.stack([m.out(h) for m, h in zip(self.members, hs)])
+        mean, logvar = self._split(o)
+        return mean, logvar, torch.cat(hs, dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o = torch.stack([m.out(m.hidden(x)) for m in self.members])
+        return self._split(o)
+
+
+class RidgeNet(nn.Module):
+    """A linear map (fitted in closed form) and one log-variance per label."""
+
+    def __init__(self, in_dim: int, n_labels: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, n_labels)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.logvar = nn.Parameter(torch.zeros(n_labels))
+        self.hidden_dim = in_dim
+
+    def forward_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, logvar = self.forward(x)
+        return mean, logvar, x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.linear(x).unsqueeze(0)
+        return mean, self.logvar.expand_as(mean)

@@ -1,0 +1,154 @@
+"""The ``ridge`` head: closed-form ridge regression, the baseline next to every result.
+
+Per label ``l`` it minimises, over the training stars that have that label (store weights ``w``),
+
+    sum_i w_i (y_il - x_i . beta_l - b_l)^2 / sum_i w_i  +  alpha_l |beta_l|^2
+
+(intercept not penalised) on standardised features and labels, by solving the normal equations
+accumulated chunk by chunk (one pass over the store, float64 accumulators). ``alpha_l`` is
+chosen per label from ``alphas`` by validation mean squared error; the predicted variance per
+label is the validation (else training) mean squared residual at that alpha. Saved in the
+same model-directory format as the MLP (a linear layer plus a log-variance per label).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from stxcli.errors import StxError, UsageError
+from stxcli.hookspecs import hookimpl
+
+DEFAULT_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+class RidgeHead:
+    name = "ridge"
+    version = "1.0"
+    description = "closed-form ridge regression (alpha chosen per label on validation)"
+    closed_form = True
+
+    def __init__(self, alphas: Any = DEFAULT_ALPHAS) -> None:
+        if isinstance(alphas, (int, float)):
+            alphas = [alphas]
+        elif isinstance(alphas, str):
+            alphas = [a for a in alphas.replace(" ", "").split(",") if a]
+        try:
+            self.alphas = [float(a) for a in alphas]
+        except (TypeError, ValueError):
+            raise UsageError(f"alphas: expected numbers, got {alphas!r}") from None
+        if not self.alphas or any(a < 0 for a in self.alphas):
+            raise UsageError(f"alphas must be non-negative numbers, got {alphas!r}")
+
+    def config(self) -> dict[str, Any]:
+        return {"alphas": list(self.alphas)}
+
+    def build(self, in_dim: int, n_labels: int) -> Any:
+        from ._nets import RidgeNet
+
+        return RidgeNet(in_dim, n_labels)
+
+    def fit(self, module: Any, data: Any) -> dict[str, Any]:
+        import torch
+
+        stats = normal_equations(data.iter_train(), data.n_labels)
+        coefs = solve_ridge(stats, self.alphas)  # (n_alpha, L, D + 1)
+        val = residual_mse(data.iter_val(), coefs, data.n_labels)
+        train = residual_mse(data.iter_train(), coefs, data.n_labels)
+        have_val = np.isfinite(val).all(axis=0)
+        score = np.where(have_val[None, :], val, train)
+        best = np.argmin(score, axis=0)  # per label
+        L = data.n_labels
+        w = np.stack([coefs[best[l], l] for l in range(L)])  # (L, D + 1)
+        mse = np.array([score[best[l], l] for l in range(L)])
+        with torch.no_grad():
+            module.linear.weight.copy_(torch.from_numpy(w[:, :-1].astype(np.float32)))
+            module.linear.bias.copy_(torch.from_numpy(w[:, -1].astype(np.float32)))
+            module.logvar.copy_(torch.from_numpy(np.log(np.maximum(mse, 1e-12)).astype(np.float32)))
+        return {"alpha": [self.alphas[b] for b in best], "mse_standardised": mse.tolist(),
+                "variance_from": ["validation" if h else "training" for h in have_val]}
+
+
+def normal_equations(chunks: Any, n_labels: int) -> dict[str, Any]:
+    """Accumulate ``[X 1]^T W [X 1]`` and ``[X 1]^T W y`` per label over (x, y, w) chunks.
+
+    Rows with every label share one Gram matrix; a label's extra matrix is kept only when some
+    rows miss other labels (so memory stays one D x D matrix in the common case)."""
+    g_all = None
+    g_extra: dict[int, np.ndarray] = {}
+    b = None
+    sw = np.zeros(n_labels)
+    for x, y, w in chunks:
+        x = np.asarray(x, np.float32)
+        n, d = x.shape
+        xa = np.empty((n, d + 1), np.float32)
+        xa[:, :d], xa[:, d] = x, 1.0
+        m = np.isfinite(y)
+        w = np.asarray(w, np.float32)
+        if g_all is None:
+            g_all = np.zeros((d + 1, d + 1))
+            b = np.zeros((n_labels, d + 1))
+        full = m.all(1)
+        if full.any():
+            xf = xa[full] * np.sqrt(w[full])[:, None]
+            g_all += (xf.T @ xf).astype(np.float64)
+        for l in range(n_labels):
+            part = m[:, l] & ~full
+            if part.any():
+                xp = xa[part] * np.sqrt(w[part])[:, None]
+                g_extra[l] = g_extra.get(l, 0.0) + (xp.T @ xp).astype(np.float64)
+            sel = m[:, l]
+            b[l] += (xa[sel].T @ (w[sel] * y[sel, l]).astype(np.float32)).astype(np.float64)
+            sw[l] += float(w[sel].sum())
+    if g_all is None:
+        raise StxError("ridge: no training rows")
+    if (sw <= 0).any():
+        raise StxError("ridge: a label has no training value")
+    return {"g_all": g_all, "g_extra": g_extra, "b": b, "sw": sw}
+
+
+def solve_ridge(stats: dict[str, Any], alphas: list[float]) -> np.ndarray:
+    """Coefficients ``(n_alpha, L, D + 1)`` (the last column is the intercept)."""
+    from scipy.linalg import LinAlgError, cho_factor, cho_solve, lstsq
+
+    g_all, g_extra, b, sw = stats["g_all"], stats["g_extra"], stats["b"], stats["sw"]
+    L, d1 = b.shape
+    pen = np.ones(d1)
+    pen[-1] = 0.0
+    out = np.zeros((len(alphas), L, d1))
+    groups: dict[int, list[int]] = {}
+    for l in range(L):  # labels sharing a Gram matrix and a weight sum are solved together
+        key = -1 if l not in g_extra else l
+        groups.setdefault(key, []).append(l)
+    for key, labels in groups.items():
+        g = g_all if key == -1 else g_all + g_extra[key]
+        for ia, alpha in enumerate(alphas):
+            for l in labels:  # the penalty scales with the label's weight sum
+                a = g + np.diag(alpha * sw[l] * pen)
+                try:
+                    out[ia, l] = cho_solve(cho_factor(a, check_finite=False), b[l], check_finite=False)
+                except LinAlgError:  # singular without penalty (alpha = 0, collinear features)
+                    out[ia, l] = lstsq(a, b[l], check_finite=False)[0]
+    return out
+
+
+def residual_mse(chunks: Any, coefs: np.ndarray, n_labels: int) -> np.ndarray:
+    """Weighted mean squared residual ``(n_alpha, L)``; NaN where a label has no row."""
+    sse = np.zeros(coefs.shape[:2])
+    sw = np.zeros(n_labels)
+    w_lin = coefs[:, :, :-1].astype(np.float32)
+    icpt = coefs[:, :, -1]
+    for x, y, w in chunks:
+        pred = np.einsum("nd,ald->anl", np.asarray(x, np.float32), w_lin) + icpt[:, None, :]
+        m = np.isfinite(y)
+        r = np.where(m[None], pred - np.where(m, y, 0)[None], 0.0)
+        sse += (np.asarray(w)[None, :, None] * r * r).sum(1)
+        sw += (np.asarray(w)[:, None] * m).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sw > 0, sse / np.maximum(sw, 1e-300), np.nan)
+
+
+@hookimpl
+def register_heads(register: Any) -> None:
+    register(RidgeHead)

@@ -1,0 +1,408 @@
+"""Core model building: label transforms, feature normalisation, the network wrapper, the
+training-domain model, and rebuilding a trained model from its directory.
+
+Knows the head/adapter protocols (:mod:`stxcli.protocols`), never a concrete head or adapter.
+Imports torch at module level: import this module inside the commands that use a model, never
+at CLI start-up.
+
+Spaces
+------
+* physical labels (K, dex) --transform--> transformed (log10 Teff by default) --standardise-->
+  standardised space, where heads predict a mean and a log-variance;
+* physical error bars come back through the delta method: for ``y = 10**z``,
+  ``sigma_y = ln(10) * y * sigma_z``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import console
+from .errors import ModelFileError, UsageError
+from .modelfile import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelDir
+
+TRANSFORMS = ("identity", "log10")
+#: Teff as log10 Teff: a model linear in Teff fails on hot and cool stars.
+DEFAULT_TRANSFORMS = {"teff": "log10"}
+DEFAULT_UNITS = {"teff": "K", "logg": "dex", "feh": "dex", "alpha_fe": "dex", "mh": "dex"}
+LN10 = math.log(10.0)
+
+
+# ------------------------------------------------------------------------------------- labels
+
+
+@dataclass
+class LabelSpec:
+    """One label: unit, transform, standardisation (of the transformed value), training range."""
+
+    name: str
+    unit: str
+    transform: str
+    mean: float
+    std: float
+    lo: float  # training range, physical units
+    hi: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LabelSpec":
+        return cls(**{k: d[k] for k in ("name", "unit", "transform", "mean", "std", "lo", "hi")})
+
+
+def forward_transform(values: np.ndarray, transform: str, name: str = "label") -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    if transform == "identity":
+        return v
+    if transform == "log10":
+        bad = np.isfinite(v) & (v <= 0)
+        if bad.any():
+            raise UsageError(f"label {name}: {int(bad.sum())} value(s) <= 0 cannot take the log10 transform "
+                             f"(use --transform {name}=identity)")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.log10(v)
+    raise UsageError(f"label {name}: unknown transform {transform!r} (choose from {', '.join(TRANSFORMS)})")
+
+
+def fit_label_specs(names: list[str], y: np.ndarray, *, units: dict[str, str] | None = None,
+                    transforms: dict[str, str] | None = None) -> list[LabelSpec]:
+    """Specs from training labels ``y`` (N, L), physical units, NaN = missing."""
+    specs = []
+    for j, name in enumerate(names):
+        col = np.asarray(y[:, j], dtype=np.float64)
+        ok = np.isfinite(col)
+        tr = (transforms or {}).get(name, DEFAULT_TRANSFORMS.get(name, "identity"))
+        t = forward_transform(col[ok], tr, name)
+        std = float(t.std()) if t.size > 1 else 1.0
+        specs.append(LabelSpec(name=name, unit=(units or {}).get(name) or DEFAULT_UNITS.get(name, ""),
+                               transform=tr, mean=float(t.mean()), std=std if std > 0 else 1.0,
+                               lo=float(col[ok].min()), hi=float(col[ok].max())))
+    return specs
+
+
+def encode_labels(specs: list[LabelSpec], y: np.ndarray) -> np.ndarray:
+    """Physical (N, L) -> standardised float32, NaN kept."""
+    out = np.empty(y.shape, dtype=np.float32)
+    for j, s in enumerate(specs):
+        out[:, j] = (forward_transform(y[:, j], s.transform, s.name) - s.mean) / s.std
+    return out
+
+
+def decode_labels(specs: list[LabelSpec], mean_s: np.ndarray, var_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised mean and variance (B, L) -> physical value and 1-sigma error (delta method)."""
+    value = np.empty(mean_s.shape, dtype=np.float64)
+    err = np.empty(mean_s.shape, dtype=np.float64)
+    for j, s in enumerate(specs):
+        z = mean_s[:, j].astype(np.float64) * s.std + s.mean
+        sz = np.sqrt(np.maximum(var_s[:, j].astype(np.float64), 0.0)) * s.std
+        if s.transform == "log10":
+            value[:, j] = 10.0 ** z
+            err[:, j] = LN10 * value[:, j] * sz
+        else:
+            value[:, j] = z
+            err[:, j] = sz
+    return value, err
+
+
+def combine_members(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ensemble (K, B, L) -> mean (B, L) and total variance = mean aleatoric + member spread."""
+    m = mean.mean(0)
+    var = logvar.exp().mean(0)
+    if mean.shape[0] > 1:
+        var = var + mean.var(0, unbiased=False)
+    return m, var
+
+
+# --------------------------------------------------------------------------------- the network
+
+
+class StxNet(nn.Module):
+    """Feature standardisation in front of a head network (or an adapted one)."""
+
+    def __init__(self, head: nn.Module, feature_mean: torch.Tensor, feature_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("feature_mean", feature_mean.detach().clone().float())
+        self.register_buffer("feature_scale", feature_scale.detach().clone().float())
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.feature_mean) * self.feature_scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.standardize(x))
+
+
+def feature_norm(mean: np.ndarray, std: np.ndarray, floor: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale = 1/std) with constant features (std below ``floor``) left unscaled."""
+    std = np.asarray(std, dtype=np.float64)
+    scale = np.where(std > floor, 1.0 / np.maximum(std, floor), 1.0)
+    return np.asarray(mean, np.float32), scale.astype(np.float32)
+
+
+def count_trainable(module: nn.Module) -> int:
+    return int(sum(p.numel() for p in module.parameters() if p.requires_grad))
+
+
+# ----------------------------------------------------------------------------- training domain
+
+
+@dataclass
+class DomainModel:
+    """Where the training features live: a PCA of standardised features.
+
+    Two scores per spectrum: ``d2``, the mean squared Mahalanobis distance over the ``k``
+    principal components, and ``resid``, the mean squared residual off the PCA subspace.
+    A spectrum is out of the domain when either exceeds its threshold, the ``quantile`` of the
+    scores of held-out training spectra.
+    """
+
+    center: np.ndarray  # (D,)
+    components: np.ndarray  # (k, D), orthonormal rows
+    eigvals: np.ndarray  # (k,)
+    d2_max: float
+    resid_max: float
+    quantile: float
+    n_fit: int
+
+    @classmethod
+    def fit(cls, z_fit: np.ndarray, z_cal: np.ndarray, *, n_components: int = 16,
+            quantile: float = 0.999, seed: int = 0) -> "DomainModel":
+        z_fit = np.asarray(z_fit, dtype=np.float32)
+        n, d = z_fit.shape
+        k = max(1, min(n_components, n - 1, d))
+        center = z_fit.mean(0)
+        zc = torch.from_numpy(z_fit - center)
+        g = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+            _, s, v = torch.svd_lowrank(zc, q=min(k + 8, n, d), niter=4)
+        comps = v[:, :k].T.contiguous().numpy()
+        eig = (s[:k].numpy().astype(np.float64) ** 2) / max(n - 1, 1)
+        eig = np.maximum(eig, 1e-12 * max(float(eig.max()), 1e-12))
+        dm = cls(center=center, components=comps.astype(np.float32), eigvals=eig.astype(np.float32),
+                 d2_max=np.inf, resid_max=np.inf, quantile=quantile, n_fit=n)
+        cal = z_cal if len(z_cal) >= 20 else z_fit
+        d2, resid = dm.scores_np(cal)
+        dm.d2_max = float(np.quantile(d2, quantile))
+        dm.resid_max = float(np.quantile(resid, quantile))
+        return dm
+
+    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = torch.as_tensor(self.center, device=z.device)
+        comp = torch.as_tensor(self.components, device=z.device)
+        ev = torch.as_tensor(self.eigvals, device=z.device)
+        dz = z - c
+        p = dz @ comp.T
+        d2 = (p * p / ev).mean(1)
+        resid = ((dz * dz).sum(1) - (p * p).sum(1)).clamp_min(0) / z.shape[1]
+        return d2, resid
+
+    def scores_np(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d2, r = self.scores(torch.from_numpy(np.asarray(z, np.float32)))
+        return d2.numpy(), r.numpy()
+
+    def outside(self, z: torch.Tensor) -> torch.Tensor:
+        d2, r = self.scores(z)
+        return (d2 > self.d2_max) | (r > self.resid_max)
+
+    def tensors(self, prefix: str = "domain.") -> dict[str, np.ndarray]:
+        return {f"{prefix}center": self.center, f"{prefix}components": self.components,
+                f"{prefix}eigvals": self.eigvals}
+
+    def info(self) -> dict[str, Any]:
+        return {"n_components": int(self.components.shape[0]), "d2_max": self.d2_max,
+                "resid_max": self.resid_max, "quantile": self.quantile, "n_fit": self.n_fit}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, np.ndarray], info: dict[str, Any], prefix: str = "domain.") -> "DomainModel":
+        return cls(center=t[f"{prefix}center"], components=t[f"{prefix}components"],
+                   eigvals=t[f"{prefix}eigvals"], d2_max=float(info["d2_max"]),
+                   resid_max=float(info["resid_max"]), quantile=float(info["quantile"]),
+                   n_fit=int(info["n_fit"]))
+
+
+# ------------------------------------------------------------------------ plugins and rebuilding
+
+
+def plugin_info(kind: str, name: str) -> dict[str, str]:
+    """name, version and distribution of an installed plugin object, for the manifest."""
+    from .registry import get_registry
+
+    reg = get_registry()
+    obj = reg.get(kind, name)
+    item = reg.items[kind][name]
+    return {"name": name, "version": str(getattr(obj, "version", "?")),
+            "plugin": item.plugin.name, "distribution": item.plugin.distribution,
+            "distribution_version": item.plugin.version}
+
+
+def make_head(name: str, config: dict[str, Any] | None = None) -> Any:
+    from .registry import get_registry
+
+    factory = get_registry().get("head", name)
+    try:
+        return factory(**(config or {}))
+    except TypeError as exc:
+        raise UsageError(f"head {name!r}: bad configuration ({exc})") from exc
+
+
+def make_adapter(name: str, config: dict[str, Any] | None = None) -> Any:
+    from .registry import get_registry
+
+    factory = get_registry().get("adapter", name)
+    try:
+        return factory(**(config or {}))
+    except TypeError as exc:
+        raise UsageError(f"adapter {name!r}: bad configuration ({exc})") from exc
+
+
+def _require(mdir: ModelDir, kind: str, entry: dict[str, Any]) -> None:
+    from .registry import get_registry
+
+    reg = get_registry()
+    name = entry["name"]
+    if name not in reg.items[kind]:
+        known = ", ".join(reg.names(kind)) or "none"
+        raise ModelFileError(f"{mdir.path}: the model needs {kind} {name!r}, which is not installed "
+                             f"(installed: {known})")
+    have = str(getattr(reg.get(kind, name), "version", "?"))
+    if entry.get("version") and have != str(entry["version"]):
+        console.warn(f"{mdir.path}: trained with {kind} {name} {entry['version']}, installed is {have}")
+
+
+def _load_strict(module: nn.Module, tensors: dict[str, np.ndarray], where: str) -> None:
+    state = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelFileError(f"{where}: weights do not fit the network the manifest describes ({first})") from exc
+
+
+def _sub(t: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}
+
+
+def load_base_net(mdir: ModelDir) -> tuple[StxNet, list[LabelSpec]]:
+    """The network of a pretrained model directory, weights loaded (eval mode)."""
+    m = mdir.manifest
+    if mdir.kind != "pretrained":
+        raise ModelFileError(f"{mdir.path}: expected a pretrained model, found a {mdir.kind} one")
+    _require(mdir, "head", m["head"])
+    head = make_head(m["head"]["name"], m["head"]["config"])
+    specs = [LabelSpec.from_dict(d) for d in m["labels"]]
+    module = head.build(int(m["input_dim"]), len(specs))
+    t = mdir.tensors("model.safetensors")
+    _load_strict(module, _sub(t, "head."), str(mdir.path / "model.safetensors"))
+    net = StxNet(module, torch.from_numpy(t["norm.mean"]), torch.from_numpy(t["norm.scale"]))
+    net.eval()
+    return net, specs
+
+
+def attach_saved_adapter(mdir: ModelDir, base: StxNet, folder: str = "") -> tuple[Any, nn.Module]:
+    """Attach and load the adapter saved under ``folder`` of a fine-tuned model to a copy of
+    ``base``'s head; return (adapter, adapted head)."""
+    import copy
+
+    cfg_rel = f"{folder}{ADAPTER_CONFIG}"
+    acfg = mdir.json(cfg_rel)
+    entry = acfg.get("stx_adapter")
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ModelFileError(f"{mdir.path / cfg_rel}: no stx_adapter entry naming the adapter")
+    _require(mdir, "adapter", entry)
+    adapter = make_adapter(entry["name"], entry.get("config", {}))
+    head = adapter.attach(copy.deepcopy(base.head))
+    state = {k: torch.from_numpy(np.array(v)) for k, v in mdir.tensors(f"{folder}{ADAPTER_WEIGHTS}").items()}
+    try:
+        adapter.load_state_dict(head, state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{mdir.path / folder / ADAPTER_WEIGHTS}: adapter weights do not fit the base ({first})") from exc
+    return adapter, head
+
+
+@dataclass
+class LoadedModel:
+    """Everything predict needs, rebuilt from a model directory's manifest alone."""
+
+    mdir: ModelDir
+    specs: list[LabelSpec]
+    nets: list[StxNet]  # one per adapter in use (one for pretrained / single-adapter models)
+    label_net: list[int]  # for each label, the index of the net that predicts it
+    domains: list[DomainModel]
+    featurizer: dict[str, Any]
+    input_dim: int
+
+    @property
+    def label_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def to(self, device: str) -> "LoadedModel":
+        self.nets = [n.to(device) for n in self.nets]
+        return self
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray, device: str = "cpu") -> dict[str, np.ndarray]:
+        """Features (B, D) -> physical ``value`` and ``err`` (B, L) and ``out_of_domain`` (B,)."""
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+        L = len(self.specs)
+        mean = torch.empty((xt.shape[0], L), device=device)
+        var = torch.empty_like(mean)
+        z = None
+        for i, net in enumerate(self.nets):
+            cols = [j for j in range(L) if self.label_net[j] == i]
+            if not cols:
+                continue
+            z = net.standardize(xt)
+            mu, lv = net.head(z)
+            m, v = combine_members(mu, lv)
+            mean[:, cols], var[:, cols] = m[:, cols], v[:, cols]
+        if z is None:
+            z = self.nets[0].standardize(xt)
+        ood = torch.ones(xt.shape[0], dtype=torch.bool, device=device)
+        for dm in self.domains:
+            ood &= dm.outside(z)
+        value, err = decode_labels(self.specs, mean.cpu().numpy(), var.cpu().numpy())
+        return {"value": value, "err": err, "out_of_domain": ood.cpu().numpy()}
+
+
+def load_model(path: Any, *, merge: bool = True) -> LoadedModel:
+    """Rebuild a model (pretrained or fine-tuned) from its directory; every file verified."""
+    mdir = path if isinstance(path, ModelDir) else ModelDir(path)
+    m = mdir.manifest
+    if mdir.kind == "pretrained":
+        net, specs = load_base_net(mdir)
+        t = mdir.tensors("model.safetensors")
+        domains = [DomainModel.from_tensors(t, m["domain"])]
+        return LoadedModel(mdir, specs, [net], [0] * len(specs), domains, m["featurizer"], int(m["input_dim"]))
+    if mdir.kind != "finetuned":
+        raise ModelFileError(f"{mdir.path}: unknown model kind {mdir.kind!r}")
+    base_dir = mdir.resolve_base()
+    base, specs = load_base_net(base_dir)
+    domains = [DomainModel.from_tensors(base_dir.tensors("model.safetensors"), base_dir.manifest["domain"])]
+    if m.get("domain"):
+        domains.append(DomainModel.from_tensors(mdir.tensors("domain.safetensors"), m["domain"]))
+    folders = m["adapter"].get("folders", {"": ""})  # adapter name -> folder
+    selection = m["adapter"].get("selection")  # label -> adapter name (auto)
+    nets, names = [], []
+    for aname, folder in folders.items():
+        adapter, head = attach_saved_adapter(mdir, base, folder)
+        if merge:
+            head = adapter.merge(head)
+        net = StxNet(head, base.feature_mean, base.feature_scale)
+        net.eval()
+        nets.append(net)
+        names.append(aname)
+    if selection:
+        label_net = [names.index(selection[s.name]) for s in specs]
+    else:
+        label_net = [0] * len(specs)
+    return LoadedModel(mdir, specs, nets, label_net, domains, base_dir.manifest["featurizer"],
+                       int(base_dir.manifest["input_dim"]))

@@ -1,0 +1,149 @@
+"""Heads: the MLP's output contract, ridge against numpy's least squares, label transforms."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stxcli.errors import UsageError
+from stxcli.model import (LabelSpec, combine_members, decode_labels, encode_labels, fit_label_specs,
+                          make_head)
+
+torch.set_num_threads(1)
+
+
+def test_mlp_contract_and_config_round_trip():
+    head = make_head("mlp", {"hidden": "32,16", "ensemble": 3, "dropout": 0.1})
+    net = head.build(10, 4)
+    x = torch.randn(7, 10)
+    mean, logvar = net(x)
+    assert mean.shape == logvar.shape == (3, 7, 4)
+    m2, lv2, h = net.forward_hidden(x)
+    assert h.shape == (7, net.hidden_dim) and net.hidden_dim == 3 * 16
+    net.eval()
+    torch.testing.assert_close(net(x)[0], net.forward_hidden(x)[0])
+    assert head.config()["hidden"] == [32, 16]
+    again = make_head("mlp", head.config())
+    assert again.config() == head.config()
+    # the log-variance stays within its soft bounds
+    big = net.members[0].out.bias
+    with torch.no_grad():
+        big[4:] = 1e4
+    assert float(net(x)[1][0].detach().max()) <= head.logvar_max + 1e-4
+
+
+@pytest.mark.parametrize("bad", [{"hidden": "a,b"}, {"activation": "nope"}, {"ensemble": 0}, {"dropout": 1.5}])
+def test_mlp_bad_config(bad):
+    with pytest.raises(UsageError):
+        make_head("mlp", bad)
+
+
+def test_unknown_option_is_usage_error():
+    with pytest.raises(UsageError, match="bad configuration"):
+        make_head("mlp", {"widths": 3})
+
+
+class _Data:
+    """FitData stand-in: standardised (x, y, w) chunks."""
+
+    def __init__(self, x, y, xv=None, yv=None, chunk=37):
+        self.x, self.y, self.xv, self.yv, self.chunk = x, y, xv, yv, chunk
+        self.n_labels = y.shape[1]
+
+    def _it(self, x, y):
+        for s in range(0, len(x), self.chunk):
+            yield x[s:s + self.chunk], y[s:s + self.chunk], np.ones(len(x[s:s + self.chunk]), np.float32)
+
+    def iter_train(self):
+        return self._it(self.x, self.y)
+
+    def iter_val(self):
+        return self._it(self.xv, self.yv) if self.xv is not None else iter(())
+
+
+def _ridge_lstsq(x, y, alpha):
+    """min (1/n)|y - X b - c|^2 + alpha |b|^2 as an augmented least-squares problem."""
+    n, d = x.shape
+    a = np.zeros((n + d, d + 1))
+    a[:n, :d], a[:n, d] = x, 1.0
+    a[n:, :d] = math.sqrt(alpha * n) * np.eye(d)
+    rhs = np.concatenate([y, np.zeros(d)])
+    return np.linalg.lstsq(a, rhs, rcond=None)[0]
+
+
+def test_ridge_equals_numpy_lstsq():
+    rng = np.random.default_rng(1)
+    n, d = 300, 12
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x @ rng.normal(size=(d, 2)) + 0.3 + rng.normal(0, 0.5, (n, 2))).astype(np.float32)
+    y[::7, 1] = np.nan  # label 1 missing for some stars: its fit uses only the rows that have it
+    head = make_head("ridge", {"alphas": [0.05]})
+    net = head.build(d, 2)
+    info = head.fit(net, _Data(x, y))
+    assert info["alpha"] == [0.05, 0.05]
+    for j in range(2):
+        ok = np.isfinite(y[:, j])
+        ref = _ridge_lstsq(x[ok].astype(np.float64), y[ok, j].astype(np.float64), 0.05)
+        np.testing.assert_allclose(net.linear.weight[j].detach().numpy(), ref[:d], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(float(net.linear.bias[j]), ref[d], rtol=1e-4, atol=1e-5)
+    mean, logvar = net(torch.from_numpy(x))
+    assert mean.shape == (1, n, 2) and logvar.shape == (1, n, 2)
+
+
+def test_ridge_picks_alpha_on_validation():
+    rng = np.random.default_rng(2)
+    n, d = 60, 40  # few stars, many features: a large penalty must win on held-out data
+    w = rng.normal(size=(d, 1))
+    x, xv = rng.normal(size=(n, d)), rng.normal(size=(200, d))
+    y = x @ w * 0.1 + rng.normal(0, 1, (n, 1))
+    yv = xv @ w * 0.1 + rng.normal(0, 1, (200, 1))
+    head = make_head("ridge", {"alphas": [1e-6, 10.0]})
+    net = head.build(d, 1)
+    info = head.fit(net, _Data(x.astype(np.float32), y.astype(np.float32), xv.astype(np.float32),
+                               yv.astype(np.float32)))
+    assert info["alpha"] == [10.0] and info["variance_from"] == ["validation"]
+    pred = net(torch.from_numpy(xv.astype(np.float32)))[0][0, :, 0].detach().numpy()
+    mse = float(np.mean((pred - yv[:, 0]) ** 2))
+    assert math.isclose(float(np.exp(net.logvar.item())), mse, rel_tol=1e-3)
+
+
+def test_label_transform_round_trip_and_delta_method():
+    y = np.array([[4000.0, 1.0], [8000.0, 3.0], [np.nan, 5.0]])
+    specs = fit_label_specs(["teff", "logg"], y, units={"teff": "K"})
+    assert [s.transform for s in specs] == ["log10", "identity"]
+    assert specs[0].lo == 4000 and specs[0].hi == 8000 and specs[1].unit == "dex"
+    s0 = specs[0]
+    assert math.isclose(s0.mean, (math.log10(4000) + math.log10(8000)) / 2)
+    z = encode_labels(specs, y)
+    assert np.isnan(z[2, 0])
+    back, err = decode_labels(specs, z[:2], np.zeros((2, 2)))
+    np.testing.assert_allclose(back, y[:2], rtol=1e-6)
+    assert (err == 0).all()
+    # delta method, by hand: Teff = 10**(m * std + mean); sigma_Teff = ln(10) Teff std sqrt(var)
+    mean_s, var_s = np.array([[0.5, 0.0]]), np.array([[0.04, 0.25]])
+    val, err = decode_labels(specs, mean_s, var_s)
+    teff = 10 ** (0.5 * s0.std + s0.mean)
+    assert math.isclose(val[0, 0], teff, rel_tol=1e-12)
+    assert math.isclose(err[0, 0], math.log(10) * teff * s0.std * 0.2, rel_tol=1e-12)
+    assert math.isclose(err[0, 1], specs[1].std * 0.5, rel_tol=1e-12)
+
+
+def test_log10_of_non_positive_label_is_an_error():
+    with pytest.raises(UsageError, match="identity"):
+        fit_label_specs(["teff"], np.array([[5000.0], [-1.0]]))
+
+
+def test_label_spec_dict_round_trip():
+    s = LabelSpec("feh", "dex", "identity", -0.3, 0.4, -2.5, 0.5)
+    assert LabelSpec.from_dict(s.to_dict()) == s
+
+
+def test_ensemble_combination_by_hand():
+    mean = torch.tensor([[[1.0]], [[3.0]]])  # K=2, B=1, L=1
+    logvar = torch.log(torch.tensor([[[0.5]], [[1.5]]]))
+    m, v = combine_members(mean, logvar)
+    assert float(m) == 2.0
+    assert math.isclose(float(v), (0.5 + 1.5) / 2 + 1.0, rel_tol=1e-6)  # aleatoric + spread (ddof 0)
