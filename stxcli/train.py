@@ -1,0 +1,981 @@
+"""The training loop shared by every head and adapter, and the pretrain / finetune drivers.
+
+Data come from feature stores in contiguous chunks (never random row indexing): the rows a run
+uses are a boolean mask per store (labelled, optionally subsampled with ``n_train``, split into
+training and validation at random with a seed). When the selected training rows fit in
+``cache_mb`` they are read once into memory; otherwise every epoch streams the store, shuffling
+the chunk order and the rows within a buffer of chunks, so stores larger than memory train.
+
+Loss: the heteroscedastic Gaussian negative log-likelihood in standardised label space,
+averaged over the (star, label) pairs that have a label (masked loss), weighted per store, and
+over ensemble members. Early stopping on the validation NLL restores the best epoch's weights.
+
+torch is imported inside functions (keeps ``stx --help`` fast); ``stxcli.model`` likewise.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, console
+from .errors import ModelFileError, StxError, UsageError
+
+#: Loop defaults; a head's or adapter's ``training_defaults()`` override them, the CLI overrides both.
+LOOP_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 100, "batch_size": 256,
+                                 "patience": 10, "grad_clip": 5.0}
+#: A run needs at least this many training and validation stars.
+MIN_TRAIN, MIN_VAL = 10, 5
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class TrainOptions:
+    """Options of one training run; ``None`` means: the head's / adapter's default."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    patience: int | None = None
+    grad_clip: float | None = None
+    val_frac: float = 0.2
+    n_train: int | None = None
+    seed: int = 0
+    augment_noise: float = 0.0
+    device: str = "cpu"
+    threads: int | None = None
+    chunk_rows: int = 4096
+    buffer_chunks: int = 8
+    cache_mb: float = 2048.0
+    min_delta: float = 1e-4
+
+    def resolve(self, *defaults: dict[str, Any]) -> dict[str, Any]:
+        out = dict(LOOP_DEFAULTS)
+        for d in defaults:
+            out.update({k: v for k, v in (d or {}).items() if k in LOOP_DEFAULTS})
+        for k in LOOP_DEFAULTS:
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        return out
+
+
+# ------------------------------------------------------------------------------------- sources
+
+
+class Source:
+    """Rows of one feature store (or of in-memory arrays) and the loss weight of its stars."""
+
+    name: str
+    n: int
+    dim: int
+    weight: float
+    featurizer: dict[str, Any]
+
+    def read(self, start: int, stop: int, ivar: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def labels(self, names: Sequence[str]) -> np.ndarray:
+        """(n, L) float32 physical labels; NaN where missing (or where the store lacks one)."""
+        raise NotImplementedError
+
+    def label_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def units(self) -> dict[str, str]:
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "rows": self.n, "weight": self.weight}
+
+    def close(self) -> None:
+        pass
+
+
+class StoreSource(Source):
+    def __init__(self, path: str | Path, weight: float = 1.0) -> None:
+        from .store import FeatureStore
+
+        self.path = Path(path)
+        self.store = FeatureStore.open(self.path)
+        self.name, self.n, self.dim, self.weight = str(path), self.store.n, self.store.dim, float(weight)
+        st = self.store
+        self.featurizer = {"name": st.featurizer_name, "version": st.featurizer_version,
+                           "config": st.featurizer_config, "key": st.featurizer_key}
+
+    def read(self, start: int, stop: int, ivar: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        d = self.store.read(start, stop, fields=("features", "ivar") if ivar else ("features",))
+        return d["features"], d.get("ivar")
+
+    def label_names(self) -> list[str]:
+        return self.store.label_names
+
+    def units(self) -> dict[str, str]:
+        return self.store.label_units
+
+    def labels(self, names: Sequence[str]) -> np.ndarray:
+        have = set(self.store.label_names)
+        cols = [self.store.labels([n])[:, 0] if n in have else np.full(self.n, np.nan, np.float32)
+                for n in names]
+        return np.stack(cols, 1).astype(np.float32)
+
+    def info(self) -> dict[str, Any]:
+        return {"path": str(self.path), "checksum": self.store.checksum, "rows": self.n, "weight": self.weight}
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class ArraySource(Source):
+    """In-memory arrays behaving as a store (tests, benchmarks, programmatic use)."""
+
+    def __init__(self, features: np.ndarray, labels: dict[str, np.ndarray], ivar: np.ndarray | None = None,
+                 weight: float = 1.0, name: str = "arrays", featurizer: dict[str, Any] | None = None) -> None:
+        self.x = np.asarray(features, np.float32)
+        self.iv = np.ones_like(self.x) if ivar is None else np.asarray(ivar, np.float32)
+        self._labels = {k: np.asarray(v, np.float32) for k, v in labels.items()}
+        self.name, self.n, self.dim, self.weight = name, self.x.shape[0], self.x.shape[1], float(weight)
+        self.featurizer = featurizer or {"name": "arrays", "version": "0", "config": {}, "key": "arrays"}
+
+    def read(self, start: int, stop: int, ivar: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.x[start:stop], (self.iv[start:stop] if ivar else None)
+
+    def label_names(self) -> list[str]:
+        return sorted(self._labels)
+
+    def labels(self, names: Sequence[str]) -> np.ndarray:
+        return np.stack([self._labels.get(n, np.full(self.n, np.nan, np.float32)) for n in names], 1)
+
+
+def open_stores(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[Source]:
+    """Open stores for one run; they must share one featurizer config (an error names both)."""
+    if weights is not None and len(weights) != len(paths):
+        raise UsageError(f"--weights gives {len(weights)} value(s) for {len(paths)} store(s)")
+    sources: list[Source] = []
+    try:
+        for i, p in enumerate(paths):
+            w = 1.0 if weights is None else float(weights[i])
+            if not w > 0:
+                raise UsageError(f"store weight must be > 0, got {w} for {p}")
+            src = StoreSource(p, w)
+            sources.append(src)
+            first = sources[0]
+            if src.featurizer["key"] != first.featurizer["key"]:
+                raise StxError(f"{first.name} and {src.name} were made with different featurizer configs "
+                               f"({_fdesc(first.featurizer)} vs {_fdesc(src.featurizer)}); "
+                               f"featurize both with the same settings")
+            if src.dim != first.dim:
+                raise StxError(f"{first.name} has {first.dim} features, {src.name} has {src.dim}")
+    except BaseException:
+        for s in sources:
+            s.close()
+        raise
+    return sources
+
+
+def _fdesc(f: dict[str, Any]) -> str:
+    return f"{f['name']} {f['version']} key {str(f['key'])[:12]}"
+
+
+def check_featurizer(source: Source, featurizer: dict[str, Any], model_path: Any) -> None:
+    if source.featurizer["key"] != featurizer["key"]:
+        raise ModelFileError(f"{source.name} was made with another featurizer config than model {model_path} "
+                             f"({_fdesc(source.featurizer)} vs {_fdesc(featurizer)}); featurize it with "
+                             f"the model's settings (see the manifest's featurizer entry)")
+
+
+# ----------------------------------------------------------------------------------- the split
+
+
+@dataclass
+class Split:
+    train: list[np.ndarray]  # one bool mask per source
+    val: list[np.ndarray]
+
+    @property
+    def n_train(self) -> int:
+        return int(sum(m.sum() for m in self.train))
+
+    @property
+    def n_val(self) -> int:
+        return int(sum(m.sum() for m in self.val))
+
+
+def make_split(sources: Sequence[Source], labels: Sequence[np.ndarray], *, val_frac: float,
+               n_train: int | None, seed: int) -> Split:
+    """Labelled rows (any label known) -> optional seeded subsample of ``n_train`` stars ->
+    random validation fraction. ``n_train`` counts every star used (training + validation)."""
+    if not 0 < val_frac < 1:
+        raise UsageError(f"--val-frac must be between 0 and 1, got {val_frac}")
+    labelled = [np.isfinite(y).any(1) for y in labels]
+    offsets = np.cumsum([0] + [len(m) for m in labelled])
+    idx = np.concatenate([np.flatnonzero(m) + offsets[i] for i, m in enumerate(labelled)])
+    rng = np.random.default_rng(seed)
+    have = len(idx)
+    if n_train is not None:
+        if n_train < 1:
+            raise UsageError(f"--n-train must be >= 1, got {n_train}")
+        if n_train > have:
+            raise StxError(f"--n-train {n_train} asks for more stars than the {have} labelled ones available")
+        idx = np.sort(rng.choice(idx, size=n_train, replace=False))
+    n = len(idx)
+    n_val = int(round(val_frac * n))
+    if n_val < MIN_VAL or n - n_val < MIN_TRAIN:
+        raise StxError(f"fewer stars than the split needs: {n} labelled star(s) give {n - n_val} training and "
+                       f"{n_val} validation stars; need at least {MIN_TRAIN} and {MIN_VAL} "
+                       f"(add stars or change --val-frac)")
+    perm = rng.permutation(n)
+    val_idx = idx[perm[:n_val]]
+    train_idx = idx[perm[n_val:]]
+    tr, va = [], []
+    for i, m in enumerate(labelled):
+        a = np.zeros(len(m), bool)
+        b = np.zeros(len(m), bool)
+        lo, hi = offsets[i], offsets[i + 1]
+        a[train_idx[(train_idx >= lo) & (train_idx < hi)] - lo] = True
+        b[val_idx[(val_idx >= lo) & (val_idx < hi)] - lo] = True
+        tr.append(a)
+        va.append(b)
+    return Split(tr, va)
+
+
+def check_labels(sources: Sequence[Source], names: Sequence[str], labels: Sequence[np.ndarray],
+                 split: Split) -> None:
+    """Every label needs known values among the training stars (an all-NaN column is an error)."""
+    for j, name in enumerate(names):
+        n_known = sum(int(np.isfinite(y[m, j]).sum()) for y, m in zip(labels, split.train))
+        if n_known < 2:
+            where = ", ".join(s.name for s in sources)
+            raise StxError(f"label {name!r} has {n_known} known value(s) among the training stars of {where} "
+                           f"(all NaN?)")
+
+
+def choose_labels(sources: Sequence[Source], requested: Sequence[str] | None) -> list[str]:
+    """The labels of a run: ``requested``, else those every store has (teff, logg, feh first)."""
+    if requested:
+        names = list(dict.fromkeys(requested))
+        for n in names:
+            holders = [s for s in sources if n in s.label_names()]
+            if not holders:
+                have = ", ".join(sorted({x for s in sources for x in s.label_names()})) or "none"
+                raise StxError(f"label {n!r} is missing from {', '.join(s.name for s in sources)} "
+                               f"(labels present: {have})")
+        return names
+    common = set(sources[0].label_names())
+    for s in sources[1:]:
+        common &= set(s.label_names())
+    if not common:
+        raise StxError(f"{', '.join(s.name for s in sources)}: no label column common to the store(s); "
+                       f"featurize with --labels CATALOG or pass --labels")
+    first = [n for n in ("teff", "logg", "feh") if n in common]
+    return first + sorted(common - set(first))
+
+
+# --------------------------------------------------------------------------------- row reading
+
+
+class RowSet:
+    """The selected rows of several sources, read chunk by chunk (contiguous slabs)."""
+
+    def __init__(self, sources: Sequence[Source], masks: Sequence[np.ndarray], y_std: Sequence[np.ndarray],
+                 chunk_rows: int, want_ivar: bool) -> None:
+        self.sources, self.masks, self.y_std = list(sources), list(masks), list(y_std)
+        self.want_ivar = want_ivar
+        self.chunk_rows = chunk_rows
+        self.chunks = self._plan(chunk_rows)
+        self.n = int(sum(m.sum() for m in masks))
+        self.dim = sources[0].dim
+
+    def _plan(self, rows: int) -> list[tuple[int, int, int]]:
+        out = []
+        for i, src in enumerate(self.sources):
+            for s in range(0, src.n, rows):
+                e = min(s + rows, src.n)
+                if self.masks[i][s:e].any():
+                    out.append((i, s, e))
+        return out
+
+    def read_chunk(self, c: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        i, s, e = c
+        m = self.masks[i][s:e]
+        x, iv = self.sources[i].read(s, e, self.want_ivar)
+        x = np.asarray(x, np.float32)[m]
+        iv = None if iv is None else np.asarray(iv, np.float32)[m]
+        y = self.y_std[i][s:e][m]
+        w = np.full(len(y), self.sources[i].weight, np.float32)
+        return x, iv, y, w
+
+    def iter_chunks(self, order: Sequence[int] | None = None, sparse_ok: bool = False):
+        chunks = self.chunks
+        if sparse_ok and self.n < 0.25 * sum(c[2] - c[1] for c in chunks):
+            chunks = self._plan(256)  # a sparse selection: read only small slabs around its rows
+        for k in (order if order is not None else range(len(chunks))):
+            yield self.read_chunk(chunks[k])
+
+    def materialize(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        xs, ivs, ys, ws = [], [], [], []
+        for x, iv, y, w in self.iter_chunks(sparse_ok=True):
+            xs.append(x)
+            ivs.append(iv)
+            ys.append(y)
+            ws.append(w)
+        return (np.concatenate(xs), None if not self.want_ivar else np.concatenate(ivs),
+                np.concatenate(ys), np.concatenate(ws))
+
+
+class Batches:
+    """Minibatches over a :class:`RowSet`, from memory (cached) or streamed per epoch."""
+
+    def __init__(self, rows: RowSet, cache: bool, buffer_chunks: int = 8) -> None:
+        import torch
+
+        self.rows, self.cached, self.buffer_chunks = rows, cache, buffer_chunks
+        if cache:
+            x, iv, y, w = rows.materialize()
+            self.t = [torch.from_numpy(x), None if iv is None else torch.from_numpy(iv),
+                      torch.from_numpy(y), torch.from_numpy(w)]
+
+    @property
+    def n(self) -> int:
+        return self.rows.n
+
+    def epoch(self, rng: np.random.Generator, batch_size: int, shuffle: bool = True) -> Iterator[tuple]:
+        import torch
+
+        if self.cached:
+            x, iv, y, w = self.t
+            n = x.shape[0]
+            perm = torch.from_numpy(rng.permutation(n)) if shuffle else None
+            for s in range(0, n, batch_size):
+                if perm is None:
+                    sl = slice(s, s + batch_size)
+                    yield x[sl], None if iv is None else iv[sl], y[sl], w[sl]
+                else:
+                    idx = perm[s:s + batch_size]
+                    yield x[idx], None if iv is None else iv[idx], y[idx], w[idx]
+            return
+        nchunks = len(self.rows.chunks)
+        order = rng.permutation(nchunks) if shuffle else np.arange(nchunks)
+        carry: list[tuple] = []
+        for b0 in range(0, nchunks, self.buffer_chunks):
+            part = list(self.rows.iter_chunks(order[b0:b0 + self.buffer_chunks]))
+            x = np.concatenate([p[0] for p in carry + part])
+            iv = None if part[0][1] is None else np.concatenate([p[1] for p in carry + part])
+            y = np.concatenate([p[2] for p in carry + part])
+            w = np.concatenate([p[3] for p in carry + part])
+            p = rng.permutation(len(x)) if shuffle else np.arange(len(x))
+            last = b0 + self.buffer_chunks >= nchunks
+            nfull = len(x) if last else (len(x) // batch_size) * batch_size
+            for s in range(0, nfull, batch_size):
+                idx = p[s:min(s + batch_size, nfull)]
+                yield (torch.from_numpy(x[idx]), None if iv is None else torch.from_numpy(iv[idx]),
+                       torch.from_numpy(y[idx]), torch.from_numpy(w[idx]))
+            rest = p[nfull:]
+            carry = [(x[rest], None if iv is None else iv[rest], y[rest], w[rest])] if len(rest) else []
+
+    def chunks(self, size: int = 4096) -> Iterator[tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]]:
+        """The rows in store order as numpy chunks."""
+        if self.cached:
+            x, iv, y, w = self.t
+            for s in range(0, x.shape[0], size):
+                yield (x[s:s + size].numpy(), None if iv is None else iv[s:s + size].numpy(),
+                       y[s:s + size].numpy(), w[s:s + size].numpy())
+        else:
+            yield from self.rows.iter_chunks()
+
+
+def feature_stats(batches: Batches) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of every feature over the rows (float64 accumulators)."""
+    s1 = s2 = None
+    n = 0
+    for x, _, _, _ in batches.chunks():
+        x64 = x.astype(np.float64)
+        mu = x64.mean(0)
+        if s1 is None:
+            s1, s2 = np.zeros_like(mu), np.zeros_like(mu)
+        # Chan et al. parallel update of the mean and the sum of squared deviations
+        m = len(x64)
+        delta = mu - s1
+        tot = n + m
+        s2 += ((x64 - mu) ** 2).sum(0) + delta ** 2 * n * m / tot
+        s1 += delta * m / tot
+        n = tot
+    if s1 is None:
+        raise StxError("no training rows")
+    return s1, np.sqrt(s2 / max(n - 1, 1))
+
+
+def sample_rows(batches: Batches, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``max_rows`` rows, read as whole chunks in random order."""
+    if batches.cached:
+        x = batches.t[0]
+        n = x.shape[0]
+        if n <= max_rows:
+            return x.numpy()
+        return x[np.sort(rng.choice(n, max_rows, replace=False))].numpy()
+    out, got = [], 0
+    order = rng.permutation(len(batches.rows.chunks))
+    for x, _, _, _ in batches.rows.iter_chunks(order):
+        out.append(x[: max_rows - got])
+        got += len(out[-1])
+        if got >= max_rows:
+            break
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------ the loss
+
+
+def gaussian_nll(mean: Any, logvar: Any, y: Any, w: Any | None = None) -> Any:
+    """Masked heteroscedastic Gaussian NLL.
+
+    ``mean``/``logvar`` are (K, B, L) (or (B, L)), ``y`` (B, L) with NaN for a missing label,
+    ``w`` (B,) per-star weights. Each present (star, label) pair contributes
+    ``0.5 * (log 2 pi + logvar + (y - mean)^2 / exp(logvar))``, weighted by its star's weight; the
+    result is the weighted mean over present pairs and over members."""
+    import torch
+
+    if mean.dim() == 2:
+        mean, logvar = mean.unsqueeze(0), logvar.unsqueeze(0)
+    present = torch.isfinite(y)
+    y0 = torch.where(present, y, torch.zeros_like(y))
+    per = 0.5 * (LOG_2PI + logvar + (y0 - mean) ** 2 * torch.exp(-logvar))
+    wm = present.to(mean.dtype)
+    if w is not None:
+        wm = wm * w.to(mean.dtype)[:, None]
+    denom = wm.sum() * mean.shape[0]
+    return (per * wm).sum() / denom.clamp_min(1e-12)
+
+
+# ------------------------------------------------------------------------------ the loop itself
+
+
+@dataclass
+class FitData:
+    """What a closed-form head's ``fit`` sees: standardised numpy chunks (x, y, w)."""
+
+    train: Batches
+    val: Batches
+    feature_mean: np.ndarray
+    feature_scale: np.ndarray
+    n_labels: int
+
+    def _std(self, b: Batches) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for x, _, y, w in b.chunks():
+            yield (x - self.feature_mean) * self.feature_scale, y, w
+
+    def iter_train(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return self._std(self.train)
+
+    def iter_val(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return self._std(self.val)
+
+
+@dataclass
+class FitResult:
+    epochs_run: int = 0
+    best_epoch: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_time_s: float = 0.0
+    closed_form: dict[str, Any] | None = None
+
+
+def setup_torch(opts: TrainOptions) -> str:
+    """Threads and device; returns the device string. States the threads used on stderr."""
+    import torch
+
+    if opts.threads is not None:
+        if opts.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {opts.threads}")
+        torch.set_num_threads(opts.threads)
+    dev = opts.device
+    if dev not in ("cpu", "cuda") and not dev.startswith("cuda:"):
+        raise UsageError(f"--device must be cpu or cuda, got {dev!r}")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise StxError("--device cuda: no CUDA device is available to torch")
+    where = f" ({torch.cuda.get_device_name(torch.device(dev))})" if dev.startswith("cuda") else ""
+    console.info(f"training on {dev}{where} with {torch.get_num_threads()} CPU thread(s)")
+    return dev
+
+
+@dataclass
+class PredStats:
+    nll: float
+    mean: np.ndarray  # (N, L) standardised
+    var: np.ndarray
+    y: np.ndarray  # (N, L) standardised truth, NaN where missing
+
+
+def predict_rows(net: Any, batches: Batches, device: str, batch_size: int = 4096) -> PredStats:
+    """Run ``net`` on every row (eval mode): the ensemble-combined mean/var and the NLL."""
+    import torch
+
+    from .model import combine_members
+
+    was = net.training
+    net.eval()
+    means, vars_, ys = [], [], []
+    tot, den = 0.0, 0.0
+    with torch.no_grad():
+        for x, _, y, w in batches.chunks(batch_size):
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+            mu, lv = net(xt)
+            m, v = combine_members(mu, lv)
+            yt = torch.from_numpy(y).to(device)
+            wt = torch.from_numpy(w).to(device)
+            nll = gaussian_nll(m, v.log(), yt, wt)
+            present = (torch.isfinite(yt).float() * wt[:, None]).sum().item()
+            tot += nll.item() * present
+            den += present
+            means.append(m.cpu().numpy())
+            vars_.append(v.cpu().numpy())
+            ys.append(y)
+    net.train(was)
+    return PredStats(tot / max(den, 1e-12), np.concatenate(means), np.concatenate(vars_), np.concatenate(ys))
+
+
+def label_report(specs: list[Any], ps: PredStats) -> dict[str, Any]:
+    """Per-label metrics in physical units (n, mae, bias, scatter, calibration) plus the NLL."""
+    from .metrics import label_metrics
+    from .model import decode_labels
+
+    value, err = decode_labels(specs, ps.mean, ps.var)
+    truth, _ = decode_labels(specs, np.nan_to_num(ps.y), np.zeros_like(ps.y))
+    truth[~np.isfinite(ps.y)] = np.nan
+    out: dict[str, Any] = {"nll": float(ps.nll), "labels": {}}
+    for j, s in enumerate(specs):
+        out["labels"][s.name] = label_metrics(value[:, j], truth[:, j], err[:, j])
+    return out
+
+
+def fit_gradient(net: Any, param_groups: list[dict[str, Any]], train: Batches, val: Batches,
+                 hp: dict[str, Any], opts: TrainOptions, device: str, title: str) -> FitResult:
+    """AdamW on the masked NLL with early stopping on the validation NLL; restores the best
+    epoch. Deterministic on CPU for a given seed and thread count."""
+    import torch
+
+    params = [p for g in param_groups for p in g["params"]]
+    if not params:
+        raise StxError(f"{title}: nothing to train (no trainable parameters)")
+    groups = [{"params": g["params"], "lr": hp["lr"] * float(g.get("lr_scale", 1.0)),
+               "weight_decay": float(g.get("weight_decay", hp["weight_decay"]))} for g in param_groups]
+    opt = torch.optim.AdamW(groups, lr=hp["lr"])
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, hp["patience"] // 3))
+    rng = np.random.default_rng(opts.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(opts.seed + 2)
+    res = FitResult()
+    best = math.inf
+    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    bad = 0
+    t0 = time.perf_counter()
+    net.to(device)
+    with console.progress(title, total=hp["epochs"]) as bar:
+        for epoch in range(1, hp["epochs"] + 1):
+            net.train()
+            tot, nb = 0.0, 0
+            for x, iv, y, w in train.epoch(rng, hp["batch_size"]):
+                x = x.to(device, non_blocking=True)
+                if opts.augment_noise > 0 and iv is not None:
+                    iv = iv.to(device)
+                    sigma = torch.where(iv > 0, iv.clamp_min(1e-30).rsqrt(), torch.zeros_like(iv))
+                    x = x + opts.augment_noise * sigma * torch.randn(x.shape, generator=gen, device=device)
+                mean, logvar = net(x)
+                loss = gaussian_nll(mean, logvar, y.to(device), w.to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if hp["grad_clip"]:
+                    torch.nn.utils.clip_grad_norm_(params, hp["grad_clip"])
+                opt.step()
+                tot += float(loss.detach())
+                nb += 1
+            vnll = predict_rows(net, val, device).nll
+            if not math.isfinite(vnll):
+                raise StxError(f"{title}: validation loss became {vnll} at epoch {epoch} (lower --lr?)")
+            sched.step(vnll)
+            res.history.append({"epoch": epoch, "train_nll": tot / max(nb, 1), "val_nll": vnll})
+            res.epochs_run = epoch
+            if vnll < best - opts.min_delta:
+                best, bad, res.best_epoch = vnll, 0, epoch
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            else:
+                bad += 1
+            bar.advance(1)
+            bar.update(status=f"loss {tot / max(nb, 1):.3f} val {vnll:.3f} best {best:.3f}@{res.best_epoch}")
+            if bad >= hp["patience"]:
+                res.stopped_early = True
+                break
+    net.load_state_dict(best_state)
+    net.eval()
+    res.train_time_s = time.perf_counter() - t0
+    return res
+
+
+# ------------------------------------------------------------------------------- run preparation
+
+
+@dataclass
+class Prepared:
+    """Sources, labels, split and batches of one run."""
+
+    sources: list[Source]
+    label_names: list[str]
+    y_phys: list[np.ndarray]
+    split: Split
+    specs: list[Any] = field(default_factory=list)
+    train: Batches | None = None
+    val: Batches | None = None
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
+def prepare(sources: list[Source], label_names: list[str], opts: TrainOptions) -> Prepared:
+    y = [s.labels(label_names) for s in sources]
+    split = make_split(sources, y, val_frac=opts.val_frac, n_train=opts.n_train, seed=opts.seed)
+    check_labels(sources, label_names, y, split)
+    return Prepared(sources, label_names, y, split)
+
+
+def build_batches(prep: Prepared, specs: list[Any], opts: TrainOptions) -> None:
+    from .model import encode_labels
+
+    prep.specs = specs
+    y_std = [encode_labels(specs, y) for y in prep.y_phys]
+    want_ivar = opts.augment_noise > 0
+    dim = prep.sources[0].dim
+    per_row = dim * 4 * (2 if want_ivar else 1)
+    cache_train = prep.split.n_train * per_row <= opts.cache_mb * 2**20
+    cache_val = (prep.split.n_train + prep.split.n_val) * per_row <= opts.cache_mb * 2**20
+    rows_tr = RowSet(prep.sources, prep.split.train, y_std, opts.chunk_rows, want_ivar)
+    rows_va = RowSet(prep.sources, prep.split.val, y_std, opts.chunk_rows, False)
+    prep.train = Batches(rows_tr, cache_train, opts.buffer_chunks)
+    prep.val = Batches(rows_va, cache_val and cache_train, opts.buffer_chunks)
+    console.info(f"{prep.split.n_train} training and {prep.split.n_val} validation stars "
+                 f"({'in memory' if cache_train else 'streamed from the store'})")
+
+
+def fit_domain(train: Batches, val: Batches, mean: np.ndarray, scale: np.ndarray, seed: int,
+               max_rows: int = 4096) -> Any:
+    from .model import DomainModel
+
+    rng = np.random.default_rng(seed + 3)
+    z_fit = (sample_rows(train, max_rows, rng) - mean) * scale
+    z_cal = (sample_rows(val, max_rows, rng) - mean) * scale
+    return DomainModel.fit(z_fit, z_cal, seed=seed)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _options_record(opts: TrainOptions, hp: dict[str, Any]) -> dict[str, Any]:
+    return {**hp, "val_frac": opts.val_frac, "n_train": opts.n_train, "seed": opts.seed,
+            "augment_noise": opts.augment_noise, "chunk_rows": opts.chunk_rows}
+
+
+# ------------------------------------------------------------------------------------ pretrain
+
+
+def train_head(prep: Prepared, head_name: str, head_config: dict[str, Any], opts: TrainOptions,
+               device: str, transforms: dict[str, str] | None, title: str) -> dict[str, Any]:
+    """Fit label specs, feature normalisation, the head and the domain model on ``prep``.
+    Returns the pieces :func:`save_pretrained` writes."""
+    import torch
+
+    from .model import StxNet, count_trainable, feature_norm, fit_label_specs, make_head
+
+    y_train = np.concatenate([y[m] for y, m in zip(prep.y_phys, prep.split.train)])
+    units = {}
+    for s in prep.sources:
+        units.update({k: v for k, v in s.units().items() if v})
+    specs = fit_label_specs(prep.label_names, y_train, units=units, transforms=transforms)
+    build_batches(prep, specs, opts)
+    assert prep.train is not None and prep.val is not None
+    head = make_head(head_name, head_config)
+    hp = opts.resolve(getattr(head, "training_defaults", lambda: {})())
+    mean, std = feature_stats(prep.train)
+    fmean, fscale = feature_norm(mean, std)
+    torch.manual_seed(opts.seed)
+    module = head.build(prep.sources[0].dim, len(specs))
+    net = StxNet(module, torch.from_numpy(fmean), torch.from_numpy(fscale))
+    if getattr(head, "closed_form", False):
+        t0 = time.perf_counter()
+        info = head.fit(module, FitData(prep.train, prep.val, fmean, fscale, len(specs)))
+        res = FitResult(closed_form=info, train_time_s=time.perf_counter() - t0)
+        net.to(device)
+        n_params = int(sum(p.numel() for p in module.parameters()))
+    else:
+        n_params = count_trainable(net)
+        res = fit_gradient(net, [{"params": [p for p in net.parameters() if p.requires_grad]}],
+                           prep.train, prep.val, hp, opts, device, title)
+    val = label_report(specs, predict_rows(net, prep.val, device))
+    domain = fit_domain(prep.train, prep.val, fmean, fscale, opts.seed)
+    return {"net": net.cpu(), "head": head, "specs": specs, "fmean": fmean, "fscale": fscale, "fit": res,
+            "hp": hp, "validation": val, "domain": domain, "trainable_params": n_params}
+
+
+def save_pretrained(out: Path, prep: Prepared, t: dict[str, Any], opts: TrainOptions, device: str, *,
+                    name: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    import torch
+
+    from .model import plugin_info
+    from .modelfile import write_model_dir
+
+    head = t["head"]
+    feat = prep.sources[0].featurizer
+    res: FitResult = t["fit"]
+    manifest = {
+        "kind": "pretrained",
+        "name": name or Path(out).name,
+        "created": _now(),
+        "stx_version": __version__,
+        "featurizer": feat,
+        "featurizer_plugin": _maybe_plugin("featurizer", feat["name"]),
+        "head": {**plugin_info("head", head.name), "config": head.config()},
+        "input_dim": prep.sources[0].dim,
+        "labels": [s.to_dict() for s in t["specs"]],
+        "training": {
+            "stores": [s.info() for s in prep.sources],
+            "n_train": prep.split.n_train, "n_val": prep.split.n_val,
+            "trainable_params": t["trainable_params"],
+            "options": _options_record(opts, t["hp"]),
+            "device": device, "threads": torch.get_num_threads(),
+            "epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "stopped_early": res.stopped_early,
+            "train_time_s": round(res.train_time_s, 3), "history": res.history,
+            "closed_form": res.closed_form,
+            **(extra or {}),
+        },
+        "validation": t["validation"],
+        "domain": t["domain"].info(),
+    }
+    net = t["net"]
+    tensors = {f"head.{k}": v for k, v in net.head.state_dict().items()}
+    tensors["norm.mean"], tensors["norm.scale"] = t["fmean"], t["fscale"]
+    tensors.update(t["domain"].tensors())
+    sha = write_model_dir(out, manifest, tensors={"model.safetensors": tensors})
+    return summary(manifest, out, sha)
+
+
+def _maybe_plugin(kind: str, name: str) -> dict[str, str] | None:
+    from .model import plugin_info
+    from .errors import PluginError
+
+    try:
+        return plugin_info(kind, name)
+    except PluginError:  # stores written from arrays name no installed featurizer
+        return None
+
+
+def summary(manifest: dict[str, Any], out: Path, sha: str) -> dict[str, Any]:
+    tr = manifest["training"]
+    return {"model": str(out), "kind": manifest["kind"], "manifest_sha256": sha,
+            "labels": [l["name"] for l in manifest["labels"]] if "labels" in manifest else None,
+            "n_train": tr["n_train"], "n_val": tr["n_val"], "trainable_params": tr["trainable_params"],
+            "epochs_run": tr.get("epochs_run"), "best_epoch": tr.get("best_epoch"),
+            "train_time_s": tr.get("train_time_s"), "validation": _short_val(manifest["validation"])}
+
+
+def _short_val(v: dict[str, Any]) -> dict[str, Any]:
+    if "labels" in v:
+        return {k: {"mae": m["mae"], "scatter": m["scatter"]} for k, m in v["labels"].items()}
+    return {name: _short_val(sub) for name, sub in v.items() if isinstance(sub, dict)}
+
+
+def pretrain(stores: Sequence[str | Path], out: str | Path, *, head: str = "mlp",
+             head_config: dict[str, Any] | None = None, labels: Sequence[str] | None = None,
+             weights: Sequence[float] | None = None, transforms: dict[str, str] | None = None,
+             opts: TrainOptions | None = None, name: str | None = None) -> dict[str, Any]:
+    """``stx pretrain``: train a head on one or more stores and write a model directory."""
+    opts = opts or TrainOptions()
+    device = setup_torch(opts)
+    sources = open_stores(stores, weights)
+    try:
+        prep = prepare(sources, choose_labels(sources, labels), opts)
+        t = train_head(prep, head, head_config or {}, opts, device, transforms, f"pretrain {head}")
+        return save_pretrained(Path(out), prep, t, opts, device, name=name)
+    finally:
+        for s in sources:
+            s.close()
+
+
+# ------------------------------------------------------------------------------------ finetune
+
+
+def finetune(base_path: str | Path, target: str | Path, out: str | Path, *, adapter: str = "lora",
+             adapter_config: dict[str, Any] | None = None, opts: TrainOptions | None = None,
+             embed_base: bool = False, scratch: bool = False, name: str | None = None) -> dict[str, Any]:
+    """``stx finetune``: adapt a pretrained model to a target store (or, with ``scratch``, train
+    the base's head architecture from scratch on the same target stars: the target-only baseline)."""
+    from .model import load_base_net, make_adapter
+    from .modelfile import ModelDir
+
+    opts = opts or TrainOptions()
+    out = Path(out)
+    bdir = ModelDir(base_path)
+    if bdir.kind != "pretrained":
+        raise ModelFileError(f"{bdir.path}: fine-tune a pretrained model (this one is {bdir.kind})")
+    base_net, specs = load_base_net(bdir)  # verifies every weight file and the plugins first
+    sel = None
+    if not scratch:
+        sel = make_adapter(adapter, adapter_config)
+    device = setup_torch(opts)
+    sources = open_stores([target])
+    try:
+        check_featurizer(sources[0], bdir.manifest["featurizer"], bdir.path)
+        names = [s.name for s in specs]
+        missing = [n for n in names if n not in sources[0].label_names()]
+        if missing:
+            raise StxError(f"{sources[0].name}: label(s) {', '.join(missing)} of model {bdir.path} are missing "
+                           f"from the store (it has: {', '.join(sources[0].label_names()) or 'none'})")
+        prep = prepare(sources, names, opts)
+        if scratch:
+            m = bdir.manifest
+            transforms = {s.name: s.transform for s in specs}
+            t = train_head(prep, m["head"]["name"], m["head"]["config"], opts, device, transforms,
+                           f"scratch {m['head']['name']}")
+            extra = {"from_scratch": True, "architecture_of": {"path": str(bdir.path),
+                                                                "manifest_sha256": bdir.manifest_sha256}}
+            return save_pretrained(out, prep, t, opts, device, name=name, extra=extra)
+        build_batches(prep, specs, opts)
+        return _finetune_adapters(bdir, base_net, specs, prep, sel, opts, device, out, embed_base, name)
+    finally:
+        for s in sources:
+            s.close()
+
+
+def _train_adapter(adapter: Any, base_net: Any, prep: Prepared, opts: TrainOptions, device: str) -> dict[str, Any]:
+    import copy
+
+    import torch
+
+    from .model import StxNet, count_trainable
+
+    torch.manual_seed(opts.seed)
+    head = adapter.attach(copy.deepcopy(base_net.head))
+    net = StxNet(head, base_net.feature_mean, base_net.feature_scale)
+    groups = adapter.param_groups(head)
+    hp = opts.resolve(adapter.training_defaults())
+    n_params = count_trainable(net)
+    res = fit_gradient(net, groups, prep.train, prep.val, hp, opts, device, f"finetune {adapter.name}")
+    val = label_report(prep.specs, predict_rows(net, prep.val, device))
+    net.cpu()
+    return {"adapter": adapter, "net": net, "head": head, "fit": res, "hp": hp, "validation": val,
+            "trainable_params": n_params}
+
+
+def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepared, sel: Any,
+                       opts: TrainOptions, device: str, out: Path, embed_base: bool,
+                       name: str | None) -> dict[str, Any]:
+    import os
+
+    from .model import make_adapter, plugin_info
+    from .modelfile import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_model_dir
+
+    assert prep.train is not None and prep.val is not None
+    zero_shot = label_report(specs, predict_rows(base_net, prep.val, device))
+    base_net.cpu()
+    candidates = list(getattr(sel, "candidates", []) or [])
+    selector = bool(candidates)
+    if selector:
+        if sel.name in candidates:
+            raise UsageError(f"adapter {sel.name}: cannot be its own candidate")
+        runs = {c: _train_adapter(make_adapter(c, (getattr(sel, "candidate_config", {}) or {}).get(c)),
+                                  base_net, prep, opts, device) for c in candidates}
+        metric = getattr(sel, "metric", "mae")
+        scores = {c: {lab: _score(r["validation"], lab, metric) for lab in prep.label_names}
+                  for c, r in runs.items()}
+        choice = sel.choose(scores)
+        used = [c for c in candidates if c in set(choice.values())]
+        folders = {c: f"adapters/{c}/" for c in used}
+    else:
+        runs = {sel.name: _train_adapter(sel, base_net, prep, opts, device)}
+        scores, choice, used = None, None, [sel.name]
+        folders = {sel.name: ""}
+    fmean = base_net.feature_mean.numpy()
+    fscale = base_net.feature_scale.numpy()
+    domain = fit_domain(prep.train, prep.val, fmean, fscale, opts.seed)
+
+    tensors: dict[str, dict[str, Any]] = {"domain.safetensors": domain.tensors()}
+    json_files: dict[str, Any] = {}
+    for c in used:
+        r = runs[c]
+        ad = r["adapter"]
+        entry = {**plugin_info("adapter", ad.name), "config": ad.config()}
+        json_files[f"{folders[c]}{ADAPTER_CONFIG}"] = {**ad.adapter_config(), "stx_adapter": entry}
+        tensors[f"{folders[c]}{ADAPTER_WEIGHTS}"] = ad.state_dict(r["head"])
+    base_entry: dict[str, Any] = {"manifest_sha256": bdir.manifest_sha256, "name": bdir.name,
+                                  "embedded": embed_base}
+    copy_dirs = {}
+    if embed_base:
+        base_entry["path"] = "base"
+        copy_dirs["base"] = bdir.path
+    else:
+        out_abs = out.resolve()
+        base_entry["path"] = os.path.relpath(bdir.path.resolve(), out_abs)
+        base_entry["abs_path"] = str(bdir.path.resolve())
+    main = runs[used[0]] if not selector else None
+    adapter_entry: dict[str, Any] = {**plugin_info("adapter", sel.name), "config": sel.config(),
+                                     "folders": folders}
+    if selector:
+        adapter_entry.update({"selection": choice, "scores": scores, "metric": getattr(sel, "metric", "mae"),
+                              "candidates": candidates})
+    trainable = {c: runs[c]["trainable_params"] for c in runs}
+    validation: dict[str, Any] = {"zero_shot": zero_shot}
+    if selector:
+        validation.update({f"candidate:{c}": runs[c]["validation"] for c in runs})
+        validation["selected"] = _selected_report(runs, choice, prep.label_names)
+    else:
+        validation["finetuned"] = main["validation"]
+    import torch
+
+    manifest = {
+        "kind": "finetuned",
+        "name": name or out.name,
+        "created": _now(),
+        "stx_version": __version__,
+        "featurizer": bdir.manifest["featurizer"],
+        "base": base_entry,
+        "adapter": adapter_entry,
+        "labels": bdir.manifest["labels"],
+        "training": {
+            "stores": [s.info() for s in prep.sources],
+            "n_train": prep.split.n_train, "n_val": prep.split.n_val,
+            "n_target_stars": prep.split.n_train + prep.split.n_val,
+            "trainable_params": (sum(trainable[c] for c in used) if selector else trainable[sel.name]),
+            "trainable_params_per_adapter": trainable,
+            "options": _options_record(opts, runs[used[0]]["hp"]),
+            "device": device, "threads": torch.get_num_threads(),
+            "runs": {c: {"epochs_run": r["fit"].epochs_run, "best_epoch": r["fit"].best_epoch,
+                         "stopped_early": r["fit"].stopped_early, "train_time_s": round(r["fit"].train_time_s, 3),
+                         "history": r["fit"].history} for c, r in runs.items()},
+            "epochs_run": sum(r["fit"].epochs_run for r in runs.values()),
+            "best_epoch": None if selector else main["fit"].best_epoch,
+            "train_time_s": round(sum(r["fit"].train_time_s for r in runs.values()), 3),
+        },
+        "validation": validation,
+        "domain": domain.info(),
+    }
+    sha = write_model_dir(out, manifest, tensors=tensors, json_files=json_files, copy_dirs=copy_dirs)
+    s = summary(manifest, out, sha)
+    s["adapter"] = sel.name
+    if selector:
+        s["selection"] = choice
+    return s
+
+
+def _score(report: dict[str, Any], label: str, metric: str) -> float:
+    m = report["labels"][label].get(metric)
+    return float(m) if m is not None else math.inf
+
+
+def _selected_report(runs: dict[str, Any], choice: dict[str, str], names: list[str]) -> dict[str, Any]:
+    return {"labels": {lab: runs[choice[lab]]["validation"]["labels"][lab] for lab in names}}
