@@ -226,7 +226,8 @@ def test_truncated_file_is_format_error(shared, tmp_path, rel):
     dst = truncate(src, tmp_path / src.name)
     with pytest.raises(FormatError) as err:
         list(READER.read(dst))
-    assert str(dst) in str(err.value) and "\n" not in str(err.value)
+    msg = str(err.value)
+    assert str(dst) in msg and "truncated" in msg and "\n" not in msg
 
 
 def test_wrong_layouts_are_format_errors(shared, tmp_path):

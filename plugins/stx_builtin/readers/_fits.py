@@ -72,6 +72,7 @@ def open_fits(path: Path, *, raw_scaling: bool = False) -> Iterator[Any]:
         raise FormatError(f"{path}: is a directory, not a spectrum file")
     hdul = None
     try:
+        _check_compressed_stream(path)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             hdul = fits.open(
@@ -92,6 +93,26 @@ def open_fits(path: Path, *, raw_scaling: bool = False) -> Iterator[Any]:
     finally:
         if hdul is not None:
             hdul.close()
+
+
+def _check_compressed_stream(path: Path) -> None:
+    """A gzip/bzip2 file must decompress to its end marker: astropy silently stops at the last
+    complete HDU of a cut-off stream, which would make a truncated file look like a wrong layout.
+    Costs one decompression pass (small for the single-spectrum files that come compressed)."""
+    import bz2
+    import gzip
+
+    with open(path, "rb") as fh:
+        magic = fh.read(3)
+    opener = gzip.open if magic[:2] == b"\x1f\x8b" else bz2.open if magic == b"BZh" else None
+    if opener is None:
+        return
+    try:
+        with opener(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise FormatError(f"{path}: truncated or corrupt compressed file ({exc})") from exc
 
 
 def require_hdu(hdul: Any, name: str, path: Path) -> Any:
