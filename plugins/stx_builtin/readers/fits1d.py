@@ -168,7 +168,7 @@ class Fits1dReader:
                 else:
                     ivar = np.where(arr > 0, 1.0 / (arr * arr), 0.0)
             return native_f32(ivar)[None, :], False
-        sigma = estimate_noise(flux[0])
+        sigma = estimate_noise(np.asarray(hdu.data, dtype=np.float64))  # at the file's precision
         if not (np.isfinite(sigma) and sigma > 0):
             raise FormatError(f"{path}: no error array and the flux has no measurable scatter; cannot estimate ivar")
         return np.full(flux.shape, 1.0 / sigma**2, dtype=np.float32), True
