@@ -1,0 +1,76 @@
+"""Format identification over the real files: the core's probe + every reader's identify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stxcli.errors import FormatError, UsageError
+from stxcli.registry import get_registry, identify, probe_file
+
+EXPECTED = {
+    "lamost-dr1/spectra": ("lamost", "*.fits", 24),
+    "lamost-later": ("lamost", "*.fits*", 2),
+    "lamost-dr10/spectra": ("lamost", "*.fits.gz", 40),
+    "desi-edr": ("desi", "*.fits", 3),
+}
+
+
+@pytest.fixture(scope="module")
+def registry():
+    get_registry.cache_clear()
+    reg = get_registry()
+    assert {"lamost", "desi", "fits1d"} <= set(reg.names("reader"))
+    return reg
+
+
+def _files(shared: Path, folder: str, pattern: str) -> list[Path]:
+    return sorted(p for p in (shared / folder).glob(pattern) if p.name != "SOURCE.md")
+
+
+@pytest.mark.parametrize("folder", sorted(EXPECTED))
+def test_every_real_survey_file_picks_its_reader(shared, registry, folder):
+    name, pattern, count = EXPECTED[folder]
+    files = _files(shared, folder, pattern)
+    assert len(files) == count
+    for f in files:
+        assert identify(f, registry).name == name, f
+        # and honestly: no other reader claims it (survey readers would outrank fits1d anyway)
+        probe = probe_file(f)
+        claims = sorted(r.name for r in registry.readers() if r.identify(probe))
+        assert claims == [name], (f, claims)
+
+
+def test_miles_files_pick_fits1d(shared, registry):
+    files = _files(shared, "miles/spectra", "*.fits")
+    assert len(files) == 748
+    for f in files[:4] + files[-4:]:
+        assert identify(f, registry).name == "fits1d"
+        probe = probe_file(f)
+        assert [r.name for r in registry.readers() if r.identify(probe)] == ["fits1d"]
+
+
+def test_a_few_dr10_training_files(shared, registry):
+    for f in _files(shared, "lamost-dr10-train/spectra", "*.fits.gz")[:5]:
+        assert identify(f, registry).name == "lamost"
+
+
+def test_format_override_and_unknown_format(shared, registry, tmp_path):
+    miles = shared / "miles" / "spectra" / "MILES_res2.50_star_m0001V.fits"
+    assert identify(miles, registry, format="fits1d").name == "fits1d"
+    assert identify(miles, registry, format="lamost").name == "lamost"  # --format is trusted
+    with pytest.raises(UsageError, match="unknown format 'sdss'"):
+        identify(miles, registry, format="sdss")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a spectrum\n")
+    with pytest.raises(FormatError, match="unknown format; no reader recognises it"):
+        identify(text, registry)
+
+
+def test_forced_wrong_reader_fails_with_a_clear_error(shared, registry):
+    miles = shared / "miles" / "spectra" / "MILES_res2.50_star_m0001V.fits"
+    with pytest.raises(FormatError, match="not a LAMOST LRS layout"):
+        list(registry.get("reader", "lamost").read(miles))
+    with pytest.raises(FormatError, match="HDU 'FIBERMAP' is missing"):
+        list(registry.get("reader", "desi").read(miles))
