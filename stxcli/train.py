@@ -489,7 +489,7 @@ class FitResult:
 
 
 def setup_torch(opts: TrainOptions) -> str:
-    """Threads and device; returns the device string. States the threads used on stderr."""
+    """Check the device, set the threads; returns the device string (see :func:`announce`)."""
     import torch
 
     if opts.threads is not None:
@@ -501,9 +501,15 @@ def setup_torch(opts: TrainOptions) -> str:
         raise UsageError(f"--device must be cpu or cuda, got {dev!r}")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise StxError("--device cuda: no CUDA device is available to torch")
-    where = f" ({torch.cuda.get_device_name(torch.device(dev))})" if dev.startswith("cuda") else ""
-    console.info(f"training on {dev}{where} with {torch.get_num_threads()} CPU thread(s)")
     return dev
+
+
+def announce(device: str) -> None:
+    """State the device and the threads used on stderr (once the inputs are known to be good)."""
+    import torch
+
+    where = f" ({torch.cuda.get_device_name(torch.device(device))})" if device.startswith("cuda") else ""
+    console.info(f"training on {device}{where} with {torch.get_num_threads()} CPU thread(s)")
 
 
 @dataclass
@@ -800,6 +806,7 @@ def pretrain(stores: Sequence[str | Path], out: str | Path, *, head: str = "mlp"
     sources = open_stores(stores, weights)
     try:
         prep = prepare(sources, choose_labels(sources, labels), opts)
+        announce(device)
         t = train_head(prep, head, head_config or {}, opts, device, transforms, f"pretrain {head}")
         return save_pretrained(Path(out), prep, t, opts, device, name=name)
     finally:
@@ -837,6 +844,7 @@ def finetune(base_path: str | Path, target: str | Path, out: str | Path, *, adap
             raise StxError(f"{sources[0].name}: label(s) {', '.join(missing)} of model {bdir.path} are missing "
                            f"from the store (it has: {', '.join(sources[0].label_names()) or 'none'})")
         prep = prepare(sources, names, opts)
+        announce(device)
         if scratch:
             m = bdir.manifest
             transforms = {s.name: s.transform for s in specs}

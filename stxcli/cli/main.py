@@ -13,7 +13,7 @@ from .. import __version__
 from ..errors import StxError
 
 #: Core command modules; each defines ``register(app)``. Plugins add more via register_commands.
-CORE_COMMANDS = ("plugins_cmd", "featurize", "evaluate")
+CORE_COMMANDS = ("plugins_cmd", "featurize", "evaluate", "pretrain", "finetune", "predict")
 
 HELP = """stx: carry a stellar-parameter model from one spectroscopic survey to another.
 

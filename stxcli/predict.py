@@ -1,0 +1,538 @@
+"""``stx predict``: a model directory + survey files, feature stores or an input catalog -> a FITS
+catalog of labels with uncertainties and quality flags.
+
+Streaming: rows are predicted chunk by chunk and spooled to a temporary HDF5 file beside the
+output; the FITS binary table is then written in one pass (header, packed big-endian records,
+padding), so memory stays flat however many spectra come in. An input catalog is the exception:
+its output is that catalog, row for row, with the prediction columns appended (held in memory,
+a few numbers per row). Every output is written atomically.
+
+Output columns (lower case): id, survey, source_file, source_row, targetid / obsid where the
+inputs carry them, ra, dec, for each label L: L and L_err (TUNIT K or dex), snr, flags (int32,
+:mod:`stxcli.flags`: the featurizer's LOW_SNR, HEAVY_MASK, ... plus OUT_OF_DOMAIN and
+OUT_OF_LABEL_RANGE: a label more than 1 sigma beyond the training range). Header: MODEL, MODELSHA (manifest sha256), STXVER, and the flag bits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__, console
+from . import flags as F
+from .errors import FormatError, ModelFileError, StxError, UsageError
+from .io import atomic_file
+
+STORE_SUFFIXES = (".h5", ".hdf5")
+CATALOG_SUFFIXES = (".csv", ".ecsv")
+PATH_COLUMNS = ("path", "file", "filename", "spectrum", "spec_file", "fits_file")
+ROW_COLUMNS = ("row", "source_row", "hdu_row")
+TARGETID_COLUMNS = ("targetid",)
+ID_EXTRAS = ("targetid", "obsid")
+HDU_NAME = "PREDICTIONS"
+
+
+# ------------------------------------------------------------------------------- the chunk stream
+
+
+@dataclass
+class Chunk:
+    """Features of ``n`` spectra plus the per-spectrum columns that travel to the output."""
+
+    features: np.ndarray
+    columns: dict[str, np.ndarray]  # id, survey, source_file, source_row, ra, dec, targetid, ...
+    snr: np.ndarray
+    flags: np.ndarray
+
+
+def _col(d: dict[str, np.ndarray], key: str, n: int, fill: Any, dtype: Any) -> np.ndarray:
+    v = d.get(key)
+    if v is None:
+        return np.full(n, fill, dtype=dtype)
+    return np.asarray(v).astype(dtype, copy=False)
+
+
+def _columns_from(ids: np.ndarray, meta: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    cols = {"id": np.asarray(ids).astype(str),
+            "survey": _col(meta, "survey", n, "", str),
+            "source_file": _col(meta, "source_file", n, "", str),
+            "source_row": _col(meta, "source_row", n, -1, np.int64)}
+    for k in ID_EXTRAS:
+        if k in meta:
+            cols[k] = np.asarray(meta[k]).astype(np.int64)
+    cols["ra"] = _col(meta, "ra", n, np.nan, np.float64)
+    cols["dec"] = _col(meta, "dec", n, np.nan, np.float64)
+    return cols
+
+
+def store_chunks(path: Path, model: Any, chunk_rows: int) -> Iterator[Chunk]:
+    from .store import FeatureStore
+    from .train import StoreSource, check_featurizer
+
+    src = StoreSource(path)
+    try:
+        check_featurizer(src, model.featurizer, model.mdir.path)
+        if src.dim != model.input_dim:
+            raise ModelFileError(f"{path}: {src.dim} features, model {model.mdir.path} expects {model.input_dim}")
+        st: FeatureStore = src.store
+        for s in range(0, st.n, chunk_rows):
+            d = st.read(s, min(s + chunk_rows, st.n), fields=("features", "ids", "quality", "meta"))
+            n = len(d["ids"])
+            q = d["quality"]
+            yield Chunk(d["features"], _columns_from(d["ids"], d["meta"], n),
+                        _col(q, "snr", n, np.nan, np.float32), _col(q, "flags", n, 0, np.int32))
+    finally:
+        src.close()
+
+
+def model_featurizer(model: Any) -> Any:
+    """The featurizer the model was trained with, rebuilt from the manifest and checked."""
+    from .pipeline import build_featurizer
+    from .registry import get_registry
+    from .store import featurizer_key
+
+    f = model.featurizer
+    if f["name"] not in get_registry().items["featurizer"]:
+        known = ", ".join(get_registry().names("featurizer")) or "none"
+        raise ModelFileError(f"{model.mdir.path}: the model needs featurizer {f['name']!r}, which is not "
+                             f"installed (installed: {known})")
+    feat = build_featurizer(f["name"], f["config"])
+    key = featurizer_key(feat.name, feat.version, feat.config())
+    if key != f["key"]:
+        raise ModelFileError(f"{model.mdir.path}: installed featurizer {feat.name} {feat.version} does not "
+                             f"reproduce the model's ({f['name']} {f['version']}): features would differ")
+    return feat
+
+
+def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: int) -> Iterator[Chunk]:
+    from .pipeline import featurize_file
+
+    for p in paths:
+        for fb in featurize_file(p, feat, format=fmt, chunk_size=chunk_rows):
+            m = fb.meta
+            n = fb.features.shape[0]
+            meta = {"survey": np.full(n, m.survey), "source_file": m.source_file, "source_row": m.source_row,
+                    "ra": m.ra, "dec": m.dec, **m.extra}
+            q = fb.quality
+            yield Chunk(fb.features, _columns_from(m.ids, meta, n), _col(q, "snr", n, np.nan, np.float32),
+                        _col(q, "flags", n, 0, np.int32))
+
+
+# ----------------------------------------------------------------------------- the predictions
+
+
+def predict_chunk(model: Any, ch: Chunk, device: str) -> dict[str, np.ndarray]:
+    """Prediction columns for one chunk: L, L_err per label, snr, flags."""
+    p = model.predict(ch.features, device=device)
+    flags = ch.flags.astype(np.int32).copy()
+    flags[p["out_of_domain"]] |= F.OUT_OF_DOMAIN
+    out: dict[str, np.ndarray] = {}
+    beyond = np.zeros(len(flags), bool)
+    for j, s in enumerate(model.specs):
+        v, e = p["value"][:, j], p["err"][:, j]
+        beyond |= (v + e < s.lo) | (v - e > s.hi)  # beyond the training range by more than 1 sigma
+        out[s.name] = v.astype(np.float32)
+        out[f"{s.name}_err"] = p["err"][:, j].astype(np.float32)
+    flags[beyond] |= F.OUT_OF_LABEL_RANGE
+    out["snr"] = ch.snr.astype(np.float32)
+    out["flags"] = flags
+    return out
+
+
+# -------------------------------------------------------------------------- streaming FITS table
+
+
+@dataclass
+class Spool:
+    """Column chunks spooled to a temporary HDF5 file (flat memory), written out as FITS."""
+
+    path: Path
+    n: int = 0
+    order: list[str] = field(default_factory=list)
+    str_width: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        import h5py
+
+        self.f = h5py.File(self.path, "w")
+
+    def append(self, cols: dict[str, np.ndarray]) -> None:
+        import h5py
+
+        m = len(next(iter(cols.values())))
+        for k in self.order:  # a column absent from this chunk gets its fill value
+            if k not in cols:
+                ds = self.f[k]
+                ds.resize(self.n + m, axis=0)
+        for k, v in cols.items():
+            v = np.asarray(v)
+            is_str = v.dtype.kind in ("U", "S", "O")
+            if k not in self.f:
+                dtype = h5py.string_dtype("utf-8") if is_str else v.dtype
+                self.f.create_dataset(k, shape=(self.n,), maxshape=(None,), dtype=dtype, chunks=(8192,),
+                                      fillvalue=_fill_for(v.dtype))
+                self.order.append(k)
+                if is_str:
+                    self.str_width[k] = 1
+            ds = self.f[k]
+            ds.resize(self.n + m, axis=0)
+            if is_str:
+                enc = [str(x).encode() for x in v]
+                self.str_width[k] = max(self.str_width[k], max((len(e) for e in enc), default=1))
+                ds[self.n:self.n + m] = np.array([e.decode() for e in enc], dtype=object)
+            else:
+                ds[self.n:self.n + m] = v.astype(ds.dtype, copy=False)
+        self.n += m
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def write_fits(self, out: Path, order: Sequence[str], units: dict[str, str],
+                   header: dict[str, tuple[Any, str]], chunk_rows: int = 65536) -> None:
+        from astropy.io import fits
+
+        cols, dtypes = [], []
+        for k in order:
+            ds = self.f[k]
+            if k in self.str_width:
+                w = self.str_width[k]
+                cols.append(fits.Column(name=k, format=f"{w}A"))
+                dtypes.append((k, f"S{w}"))
+            else:
+                code, be = _fits_format(ds.dtype)
+                cols.append(fits.Column(name=k, format=code, unit=units.get(k) or None))
+                dtypes.append((k, be))
+        hdu = fits.BinTableHDU.from_columns(fits.ColDefs(cols), nrows=0, name=HDU_NAME)
+        th = hdu.header
+        th["NAXIS2"] = self.n
+        for key, (val, comment) in header.items():
+            th[key] = (val, comment)
+        rec = np.dtype(dtypes)
+        if rec.itemsize != th["NAXIS1"]:
+            raise StxError(f"internal error: record size {rec.itemsize} != NAXIS1 {th['NAXIS1']}")
+        ph = fits.PrimaryHDU().header
+        for key, (val, comment) in header.items():
+            ph[key] = (val, comment)
+        with open(out, "wb") as fh:
+            fh.write(ph.tostring().encode("ascii"))
+            fh.write(th.tostring().encode("ascii"))
+            size = 0
+            for s in range(0, self.n, chunk_rows):
+                e = min(s + chunk_rows, self.n)
+                buf = np.zeros(e - s, dtype=rec)
+                for k in order:
+                    v = self.f[k][s:e]
+                    if k in self.str_width:
+                        buf[k] = [x.encode() if isinstance(x, str) else (x or b"") for x in v]
+                    else:
+                        buf[k] = v
+                data = buf.tobytes()
+                fh.write(data)
+                size += len(data)
+            pad = (-size) % 2880
+            fh.write(b"\0" * pad)
+
+
+def _fill_for(dtype: np.dtype) -> Any:
+    if dtype.kind == "f":
+        return np.nan
+    if dtype.kind in ("i", "u"):
+        return -1
+    if dtype.kind == "b":
+        return False
+    return None
+
+
+def _fits_format(dtype: np.dtype) -> tuple[str, str]:
+    dt = np.dtype(dtype)
+    table = {("f", 4): ("E", ">f4"), ("f", 8): ("D", ">f8"), ("i", 2): ("I", ">i2"), ("i", 4): ("J", ">i4"),
+             ("i", 8): ("K", ">i8"), ("u", 1): ("B", "u1"), ("b", 1): ("L", "i1")}
+    key = (dt.kind, dt.itemsize)
+    if key not in table:
+        raise StxError(f"internal error: no FITS format for dtype {dt}")
+    return table[key]
+
+
+def header_cards(model: Any) -> dict[str, tuple[Any, str]]:
+    cards: dict[str, tuple[Any, str]] = {
+        "MODEL": (model.mdir.name[:68], "stx model name"),
+        "MODELSHA": (model.mdir.manifest_sha256, ""),  # 64 hex digits: no room for a comment
+        "MODELKND": (model.mdir.kind, "pretrained or finetuned"),
+        "STXVER": (__version__, "stx version"),
+        "LABELS": (",".join(model.label_names)[:68], "predicted labels"),
+    }
+    for bit, name in F.NAMES.items():
+        cards[f"FLAG{bit.bit_length() - 1}"] = (name, f"flags bit {bit.bit_length() - 1} (value {bit})")
+    return cards
+
+
+# ---------------------------------------------------------------------------------- the command
+
+
+def classify_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path], Path | None]:
+    """(stores, survey files, catalog) from the command's INPUT arguments."""
+    from .pipeline import expand_inputs
+    from .registry import get_registry, identify
+
+    stores, files, catalogs = [], [], []
+    rest: list[str] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise StxError(f"{p}: no such file or directory")
+        name = p.name.lower()
+        if p.is_file() and name.endswith(STORE_SUFFIXES):
+            stores.append(p)
+        elif p.is_file() and name.endswith(CATALOG_SUFFIXES):
+            catalogs.append(p)
+        elif p.is_file() and name.endswith((".fits", ".fit", ".fits.gz")):
+            try:
+                identify(p, get_registry())
+                rest.append(raw)
+            except FormatError:
+                if _is_catalog(p):
+                    catalogs.append(p)
+                else:
+                    raise
+        else:
+            rest.append(raw)
+    if rest:
+        files = expand_inputs(rest)
+    if catalogs and (len(catalogs) > 1 or stores or files):
+        raise UsageError("an input catalog must be the only INPUT (its rows define the output rows)")
+    return stores, files, (catalogs[0] if catalogs else None)
+
+
+def _is_catalog(p: Path) -> bool:
+    from astropy.io import fits
+
+    try:
+        with fits.open(p, memmap=False) as hdul:
+            for h in hdul[1:]:
+                if isinstance(h, fits.BinTableHDU | fits.TableHDU):
+                    names = {c.lower() for c in h.columns.names}
+                    return bool(names & set(PATH_COLUMNS))
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def run_predict(model_path: str | Path, inputs: Sequence[str], output: str | Path, *,
+                format: str | None = None, chunk_rows: int = 4096, device: str = "cpu",
+                threads: int | None = None, path_column: str | None = None,
+                row_column: str | None = None, targetid_column: str | None = None,
+                prefix: str = "") -> dict[str, Any]:
+    """Programmatic ``stx predict``; returns the summary."""
+    import torch
+
+    from .model import load_model
+
+    if chunk_rows < 1:
+        raise UsageError("--chunk-size must be >= 1")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StxError("--device cuda: no CUDA device is available to torch")
+    output = Path(output)
+    if not output.name.lower().endswith((".fits", ".fit")):
+        raise UsageError(f"-o {output}: the output is a FITS table (name it .fits)")
+    model = load_model(model_path).to(device)
+    stores, files, catalog = classify_inputs(inputs)
+    t0 = time.perf_counter()
+    if catalog is not None:
+        n, flag_counts = _predict_catalog(model, catalog, output, format=format, chunk_rows=chunk_rows,
+                                          device=device, path_column=path_column, row_column=row_column,
+                                          targetid_column=targetid_column, prefix=prefix)
+    else:
+        if prefix:
+            raise UsageError("--prefix applies to an input catalog only")
+        feat = model_featurizer(model) if files else None
+        n, flag_counts = _predict_stream(model, stores, files, feat, output, format=format,
+                                         chunk_rows=chunk_rows, device=device)
+    dt = time.perf_counter() - t0
+    for name, count in flag_counts.items():
+        if name in ("OUT_OF_DOMAIN", "OUT_OF_LABEL_RANGE") and count:
+            console.warn(f"{count} of {n} spectra flagged {name}")
+    return {"output": str(output), "model": str(model_path), "model_kind": model.mdir.kind,
+            "manifest_sha256": model.mdir.manifest_sha256, "n_spectra": n, "labels": model.label_names,
+            "flags": flag_counts, "time_s": round(dt, 3), "spectra_per_s": round(n / dt, 1) if dt > 0 else None,
+            "inputs": {"stores": [str(s) for s in stores], "files": len(files),
+                       "catalog": str(catalog) if catalog else None}}
+
+
+def _count_flags(counts: dict[str, int], flags: np.ndarray) -> None:
+    for bit, name in F.NAMES.items():
+        c = int(((flags & bit) != 0).sum())
+        if c:
+            counts[name] = counts.get(name, 0) + c
+
+
+def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any, output: Path, *,
+                    format: str | None, chunk_rows: int, device: str) -> tuple[int, dict[str, int]]:
+    def chunks() -> Iterator[Chunk]:
+        for s in stores:
+            yield from store_chunks(s, model, chunk_rows)
+        if files:
+            yield from file_chunks(files, feat, format, chunk_rows)
+
+    counts: dict[str, int] = {}
+    units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}
+    with atomic_file(output) as tmp:
+        spool_path = tmp.with_name(tmp.name + ".spool.h5")
+        spool = Spool(spool_path)
+        try:
+            with console.progress("predict", total=None) as bar:
+                for ch in chunks():
+                    if ch.features.shape[1] != model.input_dim:
+                        raise ModelFileError(f"features have {ch.features.shape[1]} columns, model expects "
+                                             f"{model.input_dim}")
+                    pred = predict_chunk(model, ch, device)
+                    _count_flags(counts, pred["flags"])
+                    spool.append({**ch.columns, **pred})
+                    bar.advance(len(ch.snr))
+            if spool.n == 0:
+                raise StxError("no spectra to predict")
+            order = [c for c in ("id", "survey", "source_file", "source_row", *ID_EXTRAS, "ra", "dec")
+                     if c in spool.order]
+            for s in model.specs:
+                order += [s.name, f"{s.name}_err"]
+            order += ["snr", "flags"]
+            spool.write_fits(tmp, order, units, header_cards(model))
+            n = spool.n
+        finally:
+            spool.close()
+            if spool_path.exists():
+                spool_path.unlink()
+    return n, counts
+
+
+# ------------------------------------------------------------------------------- input catalogs
+
+
+def _pick(colnames: list[str], given: str | None, candidates: Sequence[str], what: str) -> str | None:
+    lower = {c.lower(): c for c in colnames}
+    if given:
+        if given in colnames:
+            return given
+        if given.lower() in lower:
+            return lower[given.lower()]
+        raise StxError(f"input catalog has no {what} column {given!r} (columns: {', '.join(colnames)})")
+    for c in candidates:
+        if c in lower:
+            return lower[c]
+    return None
+
+
+def _read_catalog(path: Path) -> Any:
+    """The input catalog as an astropy Table, names and types as the user wrote them (it is
+    written back out with the predictions appended)."""
+    from astropy.table import Table
+
+    fmt = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv"}.get(path.suffix.lower())
+    try:
+        return Table.read(path, format=fmt) if fmt else Table.read(path)
+    except Exception as exc:  # astropy raises many kinds for a bad table
+        raise StxError(f"{path}: cannot read the input catalog ({type(exc).__name__}: {exc})") from exc
+
+
+def _predict_catalog(model: Any, catalog: Path, output: Path, *, format: str | None, chunk_rows: int,
+                     device: str, path_column: str | None, row_column: str | None,
+                     targetid_column: str | None, prefix: str) -> tuple[int, dict[str, int]]:
+    from .pipeline import featurize_file
+
+    cat = _read_catalog(catalog)
+    names = list(cat.colnames)
+    pcol = _pick(names, path_column, PATH_COLUMNS, "path")
+    if pcol is None:
+        raise StxError(f"{catalog}: no column of spectrum paths (looked for {', '.join(PATH_COLUMNS)}; "
+                       f"use --path-column)")
+    rcol = _pick(names, row_column, ROW_COLUMNS, "row")
+    tcol = _pick(names, targetid_column, TARGETID_COLUMNS, "targetid") if rcol is None or targetid_column else None
+    n = len(cat)
+    pred_names = []
+    for s in model.specs:
+        pred_names += [f"{prefix}{s.name}", f"{prefix}{s.name}_err"]
+    pred_names += [f"{prefix}snr", f"{prefix}flags"]
+    clash = [c for c in pred_names if c.lower() in {x.lower() for x in names}]
+    if clash:
+        raise UsageError(f"{catalog}: already has column(s) {', '.join(clash)}; use --prefix (e.g. --prefix pred_)")
+    paths = [str(v).strip() for v in np.asarray(cat[pcol])]
+    rows = np.asarray(cat[rcol]).astype(np.int64) if rcol else None
+    tids = np.asarray(cat[tcol]).astype(np.int64) if tcol else None
+    resolved = []
+    for i, p in enumerate(paths):
+        q = Path(p)
+        if not q.is_absolute() and not q.exists() and (catalog.parent / q).exists():
+            q = catalog.parent / q
+        if not q.exists():
+            raise StxError(f"{catalog}: row {i}: spectrum file {p} not found")
+        resolved.append(q)
+    feat = model_featurizer(model)
+    out = {s.name: np.full(n, np.nan, np.float32) for s in model.specs}
+    out.update({f"{s.name}_err": np.full(n, np.nan, np.float32) for s in model.specs})
+    out["snr"] = np.full(n, np.nan, np.float32)
+    out["flags"] = np.zeros(n, np.int32)
+    done = np.zeros(n, bool)
+    by_file: dict[Path, list[int]] = {}
+    for i, q in enumerate(resolved):
+        by_file.setdefault(q, []).append(i)
+    counts: dict[str, int] = {}
+    with console.progress("predict", total=len(by_file)) as bar:
+        for q, idx in by_file.items():
+            want = np.asarray(idx)
+            for fb in featurize_file(q, feat, format=format, chunk_size=chunk_rows):
+                m = fb.meta
+                k = fb.features.shape[0]
+                if rows is not None:
+                    key_file, key_cat = np.asarray(m.source_row, np.int64), rows[want]
+                elif tids is not None:
+                    if "targetid" not in m.extra:
+                        raise StxError(f"{q}: spectra carry no TARGETID to match column {tcol!r}")
+                    key_file, key_cat = np.asarray(m.extra["targetid"], np.int64), tids[want]
+                else:
+                    if k != 1 or fb.meta.source_row[0] != 0:
+                        raise StxError(f"{q}: file holds several spectra; give a row or TARGETID column "
+                                       f"(--row-column / --targetid-column)")
+                    key_file, key_cat = np.zeros(1, np.int64), np.zeros(len(want), np.int64)
+                pos = {int(v): j for j, v in enumerate(key_file)}
+                hit = [(ci, pos[int(kc)]) for ci, kc in zip(want, key_cat) if int(kc) in pos]
+                if not hit:
+                    continue
+                ci = np.array([h[0] for h in hit])
+                fj = np.array([h[1] for h in hit])
+                ch = Chunk(fb.features[fj], {}, _col(fb.quality, "snr", k, np.nan, np.float32)[fj],
+                           _col(fb.quality, "flags", k, 0, np.int32)[fj])
+                pred = predict_chunk(model, ch, device)
+                for c, v in pred.items():
+                    out[c][ci] = v
+                done[ci] = True
+            bar.advance(1)
+    if not done.all():
+        i = int(np.flatnonzero(~done)[0])
+        raise StxError(f"{catalog}: {int((~done).sum())} row(s) match no spectrum in their file "
+                       f"(e.g. row {i}: {paths[i]})")
+    _count_flags(counts, out["flags"])
+    from astropy.io import fits
+    from astropy.table import Table
+
+    table = Table(cat, copy=True)
+    units = {s.name: s.unit for s in model.specs}
+    for c, v in out.items():
+        table[f"{prefix}{c}"] = v
+    hdu = fits.table_to_hdu(table)
+    hdu.name = HDU_NAME
+    for c in out:  # TUNIT set directly: astropy drops 'dex', which is not a FITS-standard unit
+        base = c[:-4] if c.endswith("_err") else c
+        if units.get(base):
+            hdu.header[f"TUNIT{table.colnames.index(prefix + c) + 1}"] = units[base]
+    for key, (val, comment) in header_cards(model).items():
+        hdu.header[key] = (val, comment)
+    with atomic_file(output) as tmp:
+        fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp)
+    return n, counts

@@ -1,0 +1,197 @@
+"""pretrain / finetune / predict through the CLI: end to end on small stores and on real LAMOST
+DR10 files, and every failure of the issue's list as a one-line error with no output."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from _models_util import synth, write_synth
+
+torch.set_num_threads(1)
+
+LABELS = ["teff", "logg", "feh"]
+FAST = ["--epochs", "3", "--threads", "1"]
+
+
+def _table(path):
+    from astropy.io import fits
+    from astropy.table import Table
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 'dex' is not a FITS-standard unit string
+        with fits.open(path) as h:
+            h.verify("exception")
+            hdr = h["PREDICTIONS"].header
+        return Table.read(path, hdu="PREDICTIONS"), hdr
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    write_synth(d / "src.h5", 300)
+    write_synth(d / "tgt.h5", 120, seed=4, shift=0.01, feh_offset=0.3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def base(work):
+    from stxcli.cli.main import main
+
+    code = main(["pretrain", str(work / "src.h5"), "-o", str(work / "base"), "--set", "hidden=16,16",
+                 "--epochs", "60", "--threads", "1", "--quiet"])
+    assert code == 0
+    return work / "base"
+
+
+def test_pretrain_predict_store_fits(work, base, capsys, tmp_path):
+    from stxcli.model import load_model
+    from stxcli.modelfile import sha256_file
+    from stxcli.store import FeatureStore
+
+    code, out, err = run_cli(["predict", base, work / "tgt.h5", "-o", tmp_path / "p.fits", "--json",
+                              "--chunk-size", "50"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["n_spectra"] == 120 and summary["labels"] == LABELS
+    t, hdr = _table(tmp_path / "p.fits")
+    assert t.colnames == ["id", "survey", "source_file", "source_row", "ra", "dec", "teff", "teff_err",
+                          "logg", "logg_err", "feh", "feh_err", "snr", "flags"]
+    assert str(t["teff"].unit) == "K" and str(t["teff_err"].unit) == "K"
+    assert str(t["feh"].unit) == "dex" and str(t["logg_err"].unit) == "dex"
+    assert t["flags"].dtype.kind == "i" and t["flags"].dtype.itemsize == 4 and len(t) == 120
+    assert hdr["MODELSHA"] == sha256_file(base / "manifest.json") and hdr["MODEL"] == "base"
+    assert hdr["STXVER"] and hdr["FLAG5"] == "OUT_OF_DOMAIN"
+    with FeatureStore.open(work / "tgt.h5") as st:
+        x = st.read(0, st.n)["features"]
+        ids = list(st.ids)
+    ref = load_model(base).predict(x)
+    assert list(t["id"]) == ids
+    for j, lab in enumerate(LABELS):  # streamed in chunks of 50, same numbers as one batch
+        np.testing.assert_allclose(t[lab], ref["value"][:, j], rtol=1e-6)
+        np.testing.assert_allclose(t[f"{lab}_err"], ref["err"][:, j], rtol=1e-5)
+        assert (np.asarray(t[f"{lab}_err"]) > 0).all()
+    np.testing.assert_allclose(t["snr"], 50.0)
+    # --model form, and several stores in one catalog
+    code, out, err = run_cli(["predict", "--model", base, work / "tgt.h5", work / "src.h5", "-o",
+                              tmp_path / "q.fits", "--quiet"], capsys)
+    assert code == 0, err
+    assert len(_table(tmp_path / "q.fits")[0]) == 420
+
+
+@pytest.mark.parametrize("adapter", ["residual", "lora", "full", "auto"])
+def test_finetune_each_adapter_then_predict(work, base, capsys, tmp_path, adapter):
+    code, out, err = run_cli(["finetune", base, work / "tgt.h5", "--adapter", adapter, "-o", tmp_path / "ft",
+                              "--n-train", "100", "--json", *FAST], capsys)
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["kind"] == "finetuned" and s["n_train"] + s["n_val"] == 100 and s["trainable_params"] > 0
+    assert set(s["validation"]) >= {"zero_shot"}
+    code, out, err = run_cli(["predict", tmp_path / "ft", work / "tgt.h5", "-o", tmp_path / "p.fits", "--quiet"],
+                             capsys)
+    assert code == 0, err
+    t, hdr = _table(tmp_path / "p.fits")
+    assert len(t) == 120 and np.isfinite(np.asarray(t["feh"])).all() and hdr["MODELKND"] == "finetuned"
+
+
+def test_scratch_baseline(work, base, capsys, tmp_path):
+    code, out, err = run_cli(["finetune", base, work / "tgt.h5", "--scratch", "-o", tmp_path / "s", "--json",
+                              "--n-train", "100", *FAST], capsys)
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "pretrained"
+
+
+def _fails(capsys, args, code_expected=1, match=None):
+    code, out, err = run_cli(args, capsys)
+    assert code == code_expected, (code, err)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and (lines[0].startswith("error:") or "Error" in lines[0]), err
+    if match:
+        assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def test_failures_are_one_line_with_no_output(work, base, capsys, tmp_path):
+    import shutil
+
+    from stxcli.store import write_store_arrays
+
+    out = tmp_path / "m"
+    _fails(capsys, ["pretrain", work / "src.h5", "--labels", "teff,alpha_fe", "-o", out, *FAST],
+           match="label 'alpha_fe' is missing")
+    f, iv, ids, lab = synth(60)
+    lab["logg"][:] = np.nan
+    write_store_arrays(tmp_path / "nan.h5", f, iv, ids, lab, featurizer_name="raw", featurizer_version="test",
+                       featurizer_config={"grid": "synthetic"})
+    _fails(capsys, ["pretrain", tmp_path / "nan.h5", "-o", out, *FAST], match="label 'logg' has 0 known")
+    _fails(capsys, ["finetune", base, work / "tgt.h5", "--adapter", "lora", "--n-train", "12", "-o", out, *FAST],
+           match="fewer stars than the split needs")
+    _fails(capsys, ["finetune", base, work / "tgt.h5", "--adapter", "nope", "-o", out, *FAST],
+           match="no adapter named 'nope'")
+    _fails(capsys, ["finetune", base, work / "tgt.h5", "-o", out, *FAST], code_expected=2, match="--adapter")
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, ["predict", tmp_path / "empty", work / "tgt.h5", "-o", tmp_path / "p.fits"],
+           match="manifest.json is missing")
+    write_synth(tmp_path / "other.h5", 30, config={"grid": "another"})
+    _fails(capsys, ["predict", base, tmp_path / "other.h5", "-o", tmp_path / "p.fits"],
+           match="another featurizer config")
+    shutil.copytree(base, tmp_path / "tampered")
+    w = tmp_path / "tampered" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    _fails(capsys, ["predict", tmp_path / "tampered", work / "tgt.h5", "-o", tmp_path / "p.fits"],
+           match="tampered with or truncated")
+    assert not out.exists() and not (tmp_path / "p.fits").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+# --------------------------------------------------------------- real LAMOST DR10 files, end to end
+
+
+@pytest.fixture(scope="module")
+def dr10(shared, tmp_path_factory):
+    from stxcli.cli.featurize import run_featurize
+
+    d = tmp_path_factory.mktemp("dr10")
+    src = shared / "lamost-dr10"
+    files = sorted(str(p) for p in (src / "spectra").glob("*.fits*"))
+    run_featurize(files, d / "dr10.h5", labels=src / "labels.csv", id_column="obsid", label_columns=LABELS)
+    return d, src, files
+
+
+def test_real_files_store_and_catalog_agree(dr10, capsys):
+    d, src, files = dr10
+    code, out, err = run_cli(["pretrain", d / "dr10.h5", "-o", d / "m", "--set", "hidden=8", "--val-frac",
+                              "0.25", *FAST, "--quiet"], capsys)
+    assert code == 0, err
+    assert run_cli(["predict", d / "m", d / "dr10.h5", "-o", d / "store.fits", "--quiet"], capsys)[0] == 0
+    code, out, err = run_cli(["predict", d / "m", *files, "-o", d / "files.fits", "--quiet"], capsys)
+    assert code == 0, err
+    a, _ = _table(d / "store.fits")
+    b, _ = _table(d / "files.fits")
+    assert len(a) == len(b) == 40 and "obsid" in a.colnames and a["survey"][0] == "lamost"
+    np.testing.assert_array_equal(a["obsid"], b["obsid"])
+    for lab in LABELS:  # featurized on the fly with the manifest's featurizer: the same numbers
+        np.testing.assert_allclose(a[lab], b[lab], rtol=1e-5)
+    # the labels catalog (a `file` column relative to it) as input: row for row, columns appended
+    _fails(capsys, ["predict", d / "m", src / "labels.csv", "-o", d / "cat.fits"], code_expected=2,
+           match="--prefix")
+    code, out, err = run_cli(["predict", "--model", d / "m", src / "labels.csv", "-o", d / "cat.fits",
+                              "--prefix", "pred_", "--quiet"], capsys)
+    assert code == 0, err
+    c, hdr = _table(d / "cat.fits")
+    from astropy.table import Table
+
+    cat = Table.read(src / "labels.csv")
+    assert list(c.colnames[:len(cat.colnames)]) == cat.colnames and len(c) == len(cat)
+    np.testing.assert_array_equal(c["obsid"], cat["obsid"])
+    by_obsid = {int(o): i for i, o in enumerate(a["obsid"])}
+    idx = [by_obsid[int(o)] for o in c["obsid"]]
+    for lab in LABELS:
+        np.testing.assert_allclose(c[f"pred_{lab}"], np.asarray(a[lab])[idx], rtol=1e-5)
+        assert str(c[f"pred_{lab}_err"].unit) == str(a[f"{lab}_err"].unit)
+    assert hdr["MODELSHA"]
