@@ -1,0 +1,484 @@
+"""Numerical core of the raw-spectrum featurizer, vectorised over a batch of spectra.
+
+Every function works on ``(n, npix)`` arrays for a whole batch; the only per-spectrum Python loop
+is the rare general-grid path (a grid that is neither linear nor log-linear). Pure numpy at import
+time; scipy is imported inside the functions that need it.
+
+Conventions: ``good`` is a boolean "pixel carries information" array; flux and variance are 0 where
+not good; ``zfac = 1 + v/c`` (observed = rest * zfac).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+#: Kernel rows whose extra Gaussian sigma is below this many pixels are the identity.
+_MIN_SIGMA_PIX = 0.05
+#: Half-width of the degradation kernel, in sigmas.
+_KERNEL_NSIG = 4.0
+
+
+# ------------------------------------------------------------------------------------ grids
+
+
+def log_grid(wmin: float, wmax: float, dlog: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres and edges (Angstrom) of a log10-linear grid from ``wmin`` to ``wmax``."""
+    l0 = math.log10(wmin)
+    n = int(math.floor((math.log10(wmax) - l0) / dlog + 1e-9)) + 1
+    centres = 10.0 ** (l0 + dlog * np.arange(n))
+    edges = 10.0 ** (l0 + dlog * (np.arange(n + 1) - 0.5))
+    return centres, edges
+
+
+@dataclass(frozen=True)
+class InputGrid:
+    """An arm's wavelength grid, recognised as linear, log10-linear or general."""
+
+    wave: np.ndarray  # (npix,) float64, increasing
+    kind: str  # "linear" | "log" | "general"
+    x0: float  # linear: lambda_0 (A); log: log10 lambda_0
+    step: float  # linear: d lambda (A); log: d log10 lambda
+    edges: np.ndarray  # (npix + 1,) pixel edges (A)
+    width: np.ndarray  # (npix,) pixel widths (A)
+
+    @property
+    def npix(self) -> int:
+        return int(self.wave.size)
+
+
+def describe_grid(wave: np.ndarray) -> InputGrid:
+    """Recognise ``wave`` as linear or log-linear to 1e-3 pixel (float32 wavelength columns pass)."""
+    wave = np.asarray(wave, dtype=np.float64)
+    n = wave.size
+    if n < 2 or not np.all(np.diff(wave) > 0):
+        raise ValueError("wavelengths must be strictly increasing with at least 2 pixels")
+    i = np.arange(n)
+    step = (wave[-1] - wave[0]) / (n - 1)
+    if np.max(np.abs(wave - (wave[0] + step * i))) < 1e-3 * step:
+        edges = wave[0] + step * (np.arange(n + 1) - 0.5)
+        return InputGrid(wave, "linear", float(wave[0]), float(step), edges, np.diff(edges))
+    lw = np.log10(wave)
+    lstep = (lw[-1] - lw[0]) / (n - 1)
+    if np.max(np.abs(lw - (lw[0] + lstep * i))) < 1e-3 * lstep:
+        edges = 10.0 ** (lw[0] + lstep * (np.arange(n + 1) - 0.5))
+        return InputGrid(wave, "log", float(lw[0]), float(lstep), edges, np.diff(edges))
+    mid = 0.5 * (wave[1:] + wave[:-1])
+    edges = np.concatenate([[wave[0] - (mid[0] - wave[0])], mid, [wave[-1] + (wave[-1] - mid[-1])]])
+    return InputGrid(wave, "general", float("nan"), float("nan"), edges, np.diff(edges))
+
+
+def edge_positions(grid: InputGrid, out_edges: np.ndarray, zfac: np.ndarray) -> np.ndarray:
+    """Positions of the rest-frame ``out_edges`` (m+1,) in the input grid's pixel-edge coordinate
+    (pixel i spans [i, i+1]) for each spectrum's ``zfac`` (n,): ``(m+1, n)`` float64 (pixel-major,
+    like every array of this module), clipped to [0, npix] so that what lies outside the arm
+    covers nothing."""
+    zfac = np.asarray(zfac, dtype=np.float64)
+    if grid.kind == "linear":
+        p = (out_edges[:, None] * zfac[None, :] - grid.x0) / grid.step + 0.5
+    elif grid.kind == "log":
+        p = (np.log10(out_edges)[:, None] + np.log10(zfac)[None, :] - grid.x0) / grid.step + 0.5
+    else:
+        idx = np.arange(grid.npix + 1, dtype=np.float64)
+        p = np.empty((out_edges.size, zfac.size))
+        for r, zf in enumerate(zfac):  # general grids only (rare): one interp per spectrum
+            p[:, r] = np.interp(out_edges * zf, grid.edges, idx)
+    np.clip(p, 0.0, grid.npix, out=p)
+    return p
+
+
+# ------------------------------------------------------------------------------- resampling
+
+
+def resample_sums(a: np.ndarray, b: np.ndarray, v: np.ndarray, p: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact overlap sums of a flux-conserving rebinning (pixel-major arrays).
+
+    ``a = flux*good*width``, ``b = good*width`` and ``v = var*good*width**2`` are ``(npix, n)``;
+    ``p`` ``(m+1, n)`` holds the output bin edges in input pixel coordinates (see
+    :func:`edge_positions`). With ``o_ij`` the fraction of input pixel i inside output bin j,
+    returns ``(m, n)`` arrays ``num_j = sum_i o_ij a_i``, ``den_j = sum_i o_ij b_i`` and
+    ``vnum_j = sum_i o_ij^2 v_i``: the mean flux density is ``num/den`` with variance
+    ``vnum/den**2``, the exact propagation of independent pixel variances through the rebinning
+    weights (bad pixels drop out and the good ones are re-weighted).
+
+    Each output bin starts in pixel ``ka = floor(p_j)`` and spans at most ``nslot`` pixels; slot s
+    (pixel ``ka + s``) overlaps it by ``min(d, 1) - u`` for s = 0 and ``clip(d - s, 0, 1)`` after,
+    with ``u = p_j - ka`` and ``d = p_{j+1} - ka``: a handful of gathers over the whole batch.
+    """
+    npix, n = a.shape
+    pa, pb = p[:-1], p[1:]
+    ka = np.floor(pa)
+    u = (pa - ka).astype(np.float32)
+    d = (pb - ka).astype(np.float32)  # >= u; the bin ends d pixels after pixel ka's start
+    nslot = max(1, int(math.ceil(float(d.max()))) if d.size else 1)
+    ka = ka.astype(np.int64)
+    if ka.shape[1] != n:  # shared positions (m+1, 1) broadcast over the batch
+        shape = (ka.shape[0], n)
+        ka, u, d = (np.broadcast_to(q, shape) for q in (ka, u, d))
+    # pad with nslot zero pixels so that indices past the arm read 0; flat index = pixel*n + col
+    flat = []
+    for arr in (a, b, v):
+        pad = np.zeros((npix + nslot, n), dtype=np.float32)
+        pad[:npix] = arr
+        flat.append(pad.ravel())
+    base = ka * n + np.arange(n, dtype=np.int64)[None, :]
+    o = np.minimum(d, np.float32(1.0))
+    o -= u
+    num = o * np.take(flat[0], base)
+    den = o * np.take(flat[1], base)
+    o *= o
+    vnum = o * np.take(flat[2], base)
+    for s in range(1, nslot):
+        o = d - np.float32(s)
+        np.clip(o, np.float32(0.0), np.float32(1.0), out=o)
+        base += n
+        num += o * np.take(flat[0], base)
+        den += o * np.take(flat[1], base)
+        o *= o
+        vnum += o * np.take(flat[2], base)
+    return num, den, vnum
+
+
+def resample_matrix(grid: InputGrid, out_edges: np.ndarray) -> Any:
+    """The rebinning at zero velocity as a sparse ``(m, npix)`` overlap matrix ``O``
+    (``num = O @ a``, ``vnum = (O*O) @ v``): the observed-frame pass, one product per arm."""
+    import scipy.sparse as sp
+
+    p = edge_positions(grid, out_edges, np.ones(1))[:, 0]
+    m = p.size - 1
+    pa, pb = p[:-1], p[1:]
+    ka = np.floor(pa).astype(np.int64)
+    nslot = max(1, int(math.ceil(float((pb - ka).max()))))
+    rows, cols, vals = [], [], []
+    for s in range(nslot):
+        i = ka + s
+        o = np.minimum(pb, i + 1) - np.maximum(pa, i)
+        keep = (o > 0) & (i < grid.npix)
+        rows.append(np.flatnonzero(keep))
+        cols.append(i[keep])
+        vals.append(o[keep])
+    return sp.csr_matrix((np.concatenate(vals).astype(np.float32),
+                          (np.concatenate(rows), np.concatenate(cols))), shape=(m, grid.npix))
+
+
+# ----------------------------------------------------------------------- resolution matching
+
+
+def _gauss_pixel_weights(lam: np.ndarray, sigma: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Fraction of a Gaussian (centre ``lam``, ``sigma`` A) falling in [lo, hi] (all broadcast)."""
+    from scipy.special import ndtr
+
+    s = np.maximum(sigma, 1e-30)
+    return ndtr((hi - lam) / s) - ndtr((lo - lam) / s)
+
+
+def kernel_sigma(wave: np.ndarray, r_source: np.ndarray, r_target: float) -> np.ndarray:
+    """Extra Gaussian sigma (A) that takes resolving power ``r_source`` to ``r_target``:
+    ``sqrt(sigma_target^2 - sigma_source^2)``, 0 where the source is already as coarse."""
+    s_t = wave / (r_target * FWHM_PER_SIGMA)
+    s_s = wave / (np.asarray(r_source, dtype=np.float64) * FWHM_PER_SIGMA)
+    return np.sqrt(np.clip(s_t * s_t - s_s * s_s, 0.0, None))
+
+
+@dataclass
+class Degrader:
+    """A fixed degradation kernel for one arm grid: ``K`` (rows normalised to 1) and ``K**2``."""
+
+    k: Any  # scipy.sparse.csr_matrix (npix, npix) float32
+    k2: Any
+    max_sigma_pix: float
+
+
+def build_degrader(grid: InputGrid, sigma: np.ndarray) -> Degrader | None:
+    """The Gaussian convolution with per-pixel ``sigma`` (A) as a banded sparse matrix whose row i
+    integrates the Gaussian centred on pixel i over each input pixel. None when every row is the
+    identity (the source is nowhere sharper than the target)."""
+    import scipy.sparse as sp
+
+    sig_pix = sigma / grid.width
+    ident = sig_pix < _MIN_SIGMA_PIX
+    if ident.all():
+        return None
+    npix = grid.npix
+    h = int(math.ceil(_KERNEL_NSIG * float(sig_pix[~ident].max()))) + 1
+    offs = np.arange(-h, h + 1)
+    i = np.arange(npix)[:, None]
+    j = i + offs[None, :]
+    inside = (j >= 0) & (j < npix)
+    jc = np.clip(j, 0, npix - 1)
+    w = _gauss_pixel_weights(grid.wave[:, None], sigma[:, None], grid.edges[jc], grid.edges[jc + 1])
+    w = np.where(inside, w, 0.0)
+    w[ident, :] = 0.0
+    w[ident, h] = 1.0
+    w /= w.sum(axis=1, keepdims=True)
+    keep = w > 1e-7
+    rows = np.broadcast_to(i, j.shape)[keep]
+    k = sp.csr_matrix((w[keep].astype(np.float32), (rows, j[keep])), shape=(npix, npix))
+    k2 = k.multiply(k).tocsr()
+    return Degrader(k, k2, float(sig_pix.max()))
+
+
+def _normalised(num: np.ndarray, den: np.ndarray, vnum: np.ndarray, good: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ok = good & (den >= 0.5)
+    safe = np.where(ok, den, np.float32(1.0))
+    f_out = np.where(ok, num / safe, np.float32(0.0)).astype(np.float32)
+    v_out = np.where(ok, vnum / (safe * safe), np.float32(0.0)).astype(np.float32)
+    return f_out, ok, v_out
+
+
+def apply_degrader(deg: Degrader, flux: np.ndarray, good: np.ndarray, var: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normalised convolution of pixel-major ``(npix, n)`` arrays: ``flux' = K(f g) / K(g)``,
+    ``var' = K^2(var g) / K(g)^2``.
+
+    Masked pixels drop out of their neighbours' sums, which are re-weighted by the kernel weight
+    of the good pixels; a pixel stays good when it was good and at least half of its kernel weight
+    sits on good pixels."""
+    g = good.astype(np.float32)
+    num = deg.k @ (flux * g)
+    den = np.ones_like(flux) if good.all() else deg.k @ g
+    vnum = deg.k2 @ (var * g)
+    return _normalised(num, den, vnum, good)
+
+
+def sigma_from_resolution(res: np.ndarray) -> np.ndarray:
+    """Per-spectrum, per-pixel Gaussian-equivalent LSF sigma (pixels) of DESI resolution matrices
+    ``res`` (n, ndiag, npix): the second moment of row i of each band matrix, i.e. of the weights
+    the matrix gives input pixels ``i + off`` (``off = ndiag//2 - d`` for diagonal d, the layout of
+    ``desispec.resolution.Resolution``). The small negative wings are kept: second moments add
+    under convolution only when they are the kernel's true moments. Returned pixel-major
+    ``(npix, n)``; NaN where a row is dead (kernel sum <= 0.5)."""
+    n, ndiag, npix = res.shape
+    offs = ndiag // 2 - np.arange(ndiag)
+    s0 = np.zeros((n, npix))
+    s1 = np.zeros((n, npix))
+    s2 = np.zeros((n, npix))
+    cols = np.arange(npix)
+    for d, off in enumerate(offs):
+        c = cols + off
+        inside = (c >= 0) & (c < npix)
+        w = np.where(inside[None, :], res[:, d, np.clip(c, 0, npix - 1)], 0.0).astype(np.float64)
+        s0 += w
+        s1 += w * off
+        s2 += w * off * off
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = s1 / s0
+        var = s2 / s0 - mean * mean
+    out = np.sqrt(np.clip(var, 0.0, None))
+    out[~(s0 > 0.5) | ~np.isfinite(out)] = np.nan
+    return np.ascontiguousarray(out.T)
+
+
+def degrade_per_spectrum(grid: InputGrid, sigma: np.ndarray, flux: np.ndarray, good: np.ndarray,
+                         var: np.ndarray, chunk: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The normalised convolution of :func:`apply_degrader` with a kernel sigma (A) per pixel and
+    spectrum, ``sigma`` (npix, n): banded taps vectorised over the batch, in column chunks."""
+    npix, n = flux.shape
+    sig_pix = sigma / grid.width[:, None]
+    sig_pix = np.where(sig_pix < _MIN_SIGMA_PIX, 0.0, sig_pix)
+    if not (sig_pix > 0).any():
+        return flux.astype(np.float32), good.copy(), var.astype(np.float32)
+    f_out = np.empty((npix, n), np.float32)
+    v_out = np.empty((npix, n), np.float32)
+    ok = np.empty((npix, n), bool)
+    h = int(math.ceil(_KERNEL_NSIG * float(sig_pix.max()))) + 1
+    rows = np.arange(npix)
+    lam = grid.wave[:, None]
+    for c0 in range(0, n, chunk):
+        sl = slice(c0, min(n, c0 + chunk))
+        sg = np.where(sig_pix[:, sl] > 0, sigma[:, sl], 0.0)
+        ident = sg == 0
+        g = good[:, sl].astype(np.float64)
+        fg = flux[:, sl] * g
+        vg = var[:, sl] * g
+        wsum = np.zeros(sg.shape)
+        num = np.zeros(sg.shape)
+        den = np.zeros(sg.shape)
+        vnum = np.zeros(sg.shape)
+        for off in range(-h, h + 1):
+            c = rows + off
+            inside = (c >= 0) & (c < npix)
+            cc = np.clip(c, 0, npix - 1)
+            w = _gauss_pixel_weights(lam, sg, grid.edges[cc][:, None], grid.edges[cc + 1][:, None])
+            w = np.where(inside[:, None], w, 0.0)
+            w = np.where(ident, 1.0 if off == 0 else 0.0, w)
+            wsum += w
+            num += w * fg[cc]
+            den += w * g[cc]
+            vnum += w * w * vg[cc]
+        f_out[:, sl], ok[:, sl], v_out[:, sl] = _normalised(
+            (num / wsum).astype(np.float32), (den / wsum).astype(np.float32),
+            (vnum / (wsum * wsum)).astype(np.float32), good[:, sl])
+    return f_out, ok, v_out
+
+
+# ---------------------------------------------------------------------------------- continuum
+
+
+@dataclass
+class ContinuumModel:
+    """A penalised cubic B-spline continuum on a fixed output grid, fitted to a whole batch at once.
+
+    The normal equations of every spectrum come from one matrix product: with weights ``W``
+    (m, n) and the products of overlapping basis functions ``P`` (m, npairs),
+    ``B^T diag(w) B`` is ``P^T @ W`` scattered into (n, nb, nb). A second-difference penalty
+    (a P-spline) bridges gaps linearly, so masked stretches never make the system singular.
+    """
+
+    basis: np.ndarray  # (m, nb) float32
+    pairs_k: np.ndarray
+    pairs_l: np.ndarray
+    prod_t: np.ndarray  # (npairs, m) float32
+    basis_t: np.ndarray  # (nb, m) float32
+    penalty: np.ndarray  # (nb, nb) float64
+    nb: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nb = int(self.basis.shape[1])
+
+
+def build_continuum_model(log_wave: np.ndarray, knot_dlog: float, smooth: float = 1.0) -> ContinuumModel:
+    """Cubic B-splines with uniform knots every ``knot_dlog`` (in log10 lambda) over the grid."""
+    from scipy.interpolate import BSpline
+
+    lo, hi = float(log_wave[0]), float(log_wave[-1])
+    nint = max(1, int(round((hi - lo) / knot_dlog)))
+    inner = np.linspace(lo, hi, nint + 1)
+    k = 3
+    t = np.concatenate([[lo] * k, inner, [hi] * k])
+    x = np.clip(log_wave, lo, hi)
+    basis = np.ascontiguousarray(BSpline.design_matrix(x, t, k).toarray(), dtype=np.float32)
+    nb = basis.shape[1]
+    kk, ll = [], []
+    for a in range(nb):
+        for b in range(a, min(nb, a + k + 1)):
+            kk.append(a)
+            ll.append(b)
+    pk, pl = np.array(kk), np.array(ll)
+    prod_t = np.ascontiguousarray((basis[:, pk] * basis[:, pl]).T, dtype=np.float32)
+    dmat = np.diff(np.eye(nb), n=2, axis=0)
+    penalty = smooth * (dmat.T @ dmat) + 1e-6 * np.eye(nb)
+    return ContinuumModel(basis, pk, pl, prod_t, np.ascontiguousarray(basis.T), penalty)
+
+
+def fit_continuum(model: ContinuumModel, flux: np.ndarray, good: np.ndarray, n_iter: int,
+                  clip_lo: float, clip_hi: float) -> np.ndarray:
+    """Iteratively sigma-clipped spline continuum of each column of ``flux`` (m, n).
+
+    Start from all good pixels, unit weights; after each fit drop pixels whose relative residual
+    ``flux/cont - 1`` is below ``-clip_lo`` or above ``+clip_hi`` times the spectrum's rms relative
+    residual over the pixels kept (absorption lines go first: the fit climbs to the upper envelope).
+    Returns the continuum (m, n) float32 (may be <= 0 where the data are; the caller floors it).
+    """
+    m, n = flux.shape
+    w = good.astype(np.float32)
+    off = model.pairs_k != model.pairs_l
+    cont = np.zeros_like(flux)
+    for it in range(max(1, n_iter)):
+        gram = (model.prod_t @ w).T  # (n, npairs)
+        rhs = (model.basis_t @ (w * flux)).T  # (n, nb)
+        a = np.broadcast_to(model.penalty, (n, model.nb, model.nb)).copy()
+        a[:, model.pairs_k, model.pairs_l] += gram
+        a[:, model.pairs_l[off], model.pairs_k[off]] += gram[:, off]
+        coef = np.linalg.solve(a, rhs.astype(np.float64)[:, :, None])[:, :, 0]
+        cont = model.basis @ np.ascontiguousarray(coef.T, dtype=np.float32)
+        if it == n_iter - 1:
+            break
+        inv = np.zeros_like(cont)
+        np.divide(np.float32(1.0), cont, out=inv, where=cont > 0)
+        r = flux * inv
+        r -= np.float32(1.0)
+        nk = w.sum(axis=0)
+        rms = np.sqrt(np.einsum("ij,ij->j", r * w, r) / np.maximum(nk, 1.0)).astype(np.float32)
+        keep = r > -clip_lo * rms
+        keep &= r < clip_hi * rms
+        keep &= good
+        keep &= inv > 0
+        w = keep.astype(np.float32)
+    return cont
+
+
+def shift_columns(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``out[j, c] = values[j + shift[c], c]`` by linear interpolation, the first/last row
+    repeated beyond the ends (``values`` (m, n), ``shift`` (n,) in pixels)."""
+    m, n = values.shape
+    shift = np.asarray(shift, dtype=np.float64)
+    k = np.floor(shift)
+    t = (shift - k).astype(np.float32)[None, :]
+    k = k.astype(np.int64)
+    pad = int(max(np.abs(k).max(), 0)) + 2
+    padded = np.concatenate([np.repeat(values[:1], pad, axis=0), values,
+                             np.repeat(values[-1:], pad, axis=0)])
+    idx = (np.arange(m, dtype=np.int64)[:, None] + (k + pad)[None, :]) * n + np.arange(n)[None, :]
+    flat = padded.ravel()
+    lo = np.take(flat, idx)
+    idx += n
+    hi = np.take(flat, idx)
+    hi -= lo
+    hi *= t
+    hi += lo
+    return hi
+
+
+# ------------------------------------------------------------------------------------ RV (CCF)
+
+#: Observed-frame telluric bands (vacuum A) left out of the cross-correlation: O2 B, H2O, O2 A, H2O.
+TELLURIC_BANDS = ((6865.0, 6935.0), (7165.0, 7345.0), (7590.0, 7710.0), (8120.0, 8360.0))
+
+
+def ccf_velocity(x: np.ndarray, gx: np.ndarray, tmpl: np.ndarray, dlog: float, max_lag: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Velocity (km/s) of each spectrum by cross-correlation with templates on a log10 grid.
+
+    ``x`` (n, m): line depth ``1 - flux/continuum`` of the observed-frame spectra, 0 where
+    ``gx`` (weights, 0/1) is 0; ``tmpl`` (T, m): rest-frame template line depths (0 where unknown).
+    The normalised CCF ``sum x_j t_{j-L} / sqrt(sum x^2 * sum gx t_{j-L}^2)`` is computed for lags
+    L in [-max_lag, max_lag] with one matrix product; the best template and lag win and a parabola
+    through the log-CCF (a Gaussian peak) refines the lag. Returns (v_kms, peak_ccf, at_edge).
+    """
+    from stxcli.spectra import C_KMS
+
+    n, m = x.shape
+    nt = tmpl.shape[0]
+    lags = np.arange(-max_lag, max_lag + 1)
+    nl = lags.size
+    sh = np.zeros((m, nt, nl), dtype=np.float32)
+    for li, lag in enumerate(lags):
+        if lag >= 0:
+            sh[lag:, :, li] = tmpl[:, : m - lag].T
+        else:
+            sh[: m + lag, :, li] = tmpl[:, -lag:].T
+    sh = sh.reshape(m, nt * nl)
+    num = (x @ sh).reshape(n, nt, nl)
+    tnorm = (gx @ (sh * sh)).reshape(n, nt, nl)
+    xnorm = (x * x).sum(axis=1)[:, None, None]
+    ngood = gx.sum(axis=1)[:, None, None]
+    # a spectrum without lines (rms depth < 1e-4) carries no velocity information: no peak
+    xnorm = np.where(xnorm > 1e-8 * np.maximum(ngood, 1), xnorm, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cc = np.where((tnorm > 0) & (xnorm > 0), num / np.sqrt(tnorm * xnorm), 0.0)
+    flat = cc.reshape(n, -1)
+    best = np.argmax(flat, axis=1)
+    bt, bl = np.divmod(best, nl)
+    rows = np.arange(n)
+    peak = flat[rows, best]
+    at_edge = (bl == 0) | (bl == nl - 1)
+    y0 = peak
+    ym = cc[rows, bt, np.clip(bl - 1, 0, nl - 1)]
+    yp = cc[rows, bt, np.clip(bl + 1, 0, nl - 1)]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pos = (ym > 0) & (y0 > 0) & (yp > 0)
+        lm, l0, lp = (np.log(np.where(pos, q, 1.0)) for q in (ym, y0, yp))
+        dg = 0.5 * (lm - lp) / (lm - 2 * l0 + lp)
+        dq = 0.5 * (ym - yp) / (ym - 2 * y0 + yp)
+        delta = np.where(pos, dg, dq)
+    delta = np.where(np.isfinite(delta) & ~at_edge, np.clip(delta, -0.5, 0.5), 0.0)
+    shift = (lags[bl] + delta) * dlog
+    v = C_KMS * (10.0 ** shift - 1.0)
+    return v, peak.astype(np.float64), at_edge
