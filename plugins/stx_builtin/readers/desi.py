@@ -64,7 +64,7 @@ class DesiReader:
     name = "desi"
     version = "1.0.0"
     priority = PRIORITY_SURVEY
-    extensions = (".fits",)
+    extensions = (".fits", ".fits.gz")
     description = "DESI coadd and spectra files (healpix or tile): FIBERMAP + B/R/Z arms"
 
     # ------------------------------------------------------------------------- identify

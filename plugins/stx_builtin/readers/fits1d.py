@@ -93,7 +93,7 @@ class Fits1dReader:
     name = "fits1d"
     version = "1.0.0"
     priority = PRIORITY_GENERIC
-    extensions = (".fits", ".fit", ".fts")
+    extensions = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fts")
     description = "Plain 1-D FITS spectra with a linear or log-linear wavelength WCS (e.g. MILES)"
 
     # ------------------------------------------------------------------------- identify

@@ -70,7 +70,7 @@ class LamostReader:
     name = "lamost"
     version = "1.0.0"
     priority = PRIORITY_SURVEY
-    extensions = (".fits", ".fit")
+    extensions = (".fits", ".fits.gz", ".fit", ".fit.gz")
     description = "LAMOST LRS spectra: DR1-DR8 5-row image and DR9+ COADD binary table (.fits, .fits.gz)"
 
     # ------------------------------------------------------------------------- identify
