@@ -54,10 +54,15 @@ class Arm:
             raise ValueError(f"arm {self.name}: flux, ivar and mask shapes differ")
         if self.wave.shape[-1] != self.flux.shape[1]:
             raise ValueError(f"arm {self.name}: wave has {self.wave.shape[-1]} pixels, flux {self.flux.shape[1]}")
+        self.flux = np.asarray(self.flux, dtype=np.float32)
+        self.ivar = np.asarray(self.ivar, dtype=np.float32)
         bad = self.mask | ~np.isfinite(self.flux) | ~np.isfinite(self.ivar) | (self.ivar < 0)
         self.mask = bad
-        self.ivar = np.where(bad, np.float32(0), self.ivar).astype(np.float32, copy=False)
-        self.flux = np.where(bad, np.float32(0), self.flux).astype(np.float32, copy=False)
+        if bad.any():  # in place: the reader's arrays are the batch's own
+            if not (self.flux.flags.writeable and self.ivar.flags.writeable):
+                self.flux, self.ivar = self.flux.copy(), self.ivar.copy()
+            self.flux[bad] = 0.0
+            self.ivar[bad] = 0.0
 
 
 @dataclass
