@@ -41,8 +41,10 @@ def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
 
 def peak_rss_mb(code: str) -> float:
     """Peak resident memory (MB) of a fresh Python process running ``code``."""
-    probe = (code + "\nimport resource, sys\n"
-             "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)")
+    # VmHWM is this process's own high-water mark; ru_maxrss would carry over the parent's
+    # (the benchmark's) peak across fork + exec on Linux.
+    probe = (code + "\nfor line in open('/proc/self/status'):\n"
+             "    if line.startswith('VmHWM'): print('PEAK', int(line.split()[1]) / 1024.0)")
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
     if res.returncode != 0:
         raise RuntimeError(res.stderr)
