@@ -113,7 +113,7 @@ def test_config_round_trip_is_complete_and_identical():
 
 @pytest.mark.parametrize("bad", [
     dict(rv="guess"), dict(continuum="poly"), dict(wmin=5000, wmax=4000), dict(dlog=0), dict(target_r=-5),
-    dict(cont_iter=0), dict(min_coverage=1.5), dict(heavy_mask_frac=2), dict(wmin="abc"),
+    dict(cont_iter=0), dict(cont_bin=1.5), dict(min_coverage=1.5), dict(heavy_mask_frac=2), dict(wmin="abc"),
     dict(use_resolution_matrix="yes"), dict(dlog=1e-9),
 ])
 def test_bad_config_is_a_usage_error(bad):
@@ -354,7 +354,7 @@ def test_resampling_conserves_flux_on_an_irregular_grid():
     out_edges = np.sort(rng.uniform(grid.edges[0], grid.edges[-1], 301))
     out_edges[0], out_edges[-1] = grid.edges[0], grid.edges[-1]
     p = L.edge_positions(grid, out_edges, np.ones(3))
-    num, den, vnum = L.resample_sums(flux * w, np.ones_like(flux) * w, np.ones_like(flux) * w * w, p)
+    num, den, vnum = L.resample_sums(flux * w, np.ones_like(flux) * w, np.ones_like(flux) * w * w, p, wave.size)
     np.testing.assert_allclose(num.sum(axis=0), (flux * w).sum(axis=0), rtol=1e-5)
     np.testing.assert_allclose(den[:, 0], np.diff(out_edges), rtol=1e-4)  # the bins are fully covered
     # the sparse zero-velocity matrix is the same operator

@@ -28,9 +28,12 @@ Steps, each vectorised over the batch (numerics in :mod:`._rawlib`):
    input pixels it overlaps, weighted by overlap; its variance is the exact propagation
    ``sum o^2 var / (sum o)^2``. An output pixel whose good coverage is below ``min_coverage`` of
    its width is masked. Arms are combined by inverse variance.
-5. **Continuum** (``continuum="spline"``): a cubic P-spline with knots every ``cont_knot_dlog`` dex,
-   refitted ``cont_iter`` times dropping pixels below ``-cont_clip_lo`` or above ``+cont_clip_hi``
-   times the rms relative residual (so it climbs to the upper envelope). Where the continuum is
+5. **Continuum** (``continuum="spline"``), fitted in the observed frame (on the zero-velocity
+   rebinning, so it is the same for spectra with and without a known velocity) and carried to the
+   rest frame by the velocity shift: a cubic P-spline with knots every ``cont_knot_dlog`` dex,
+   fitted to bins of ``cont_bin`` pixels and refitted ``cont_iter`` times dropping bins below
+   ``-cont_clip_lo`` or above ``+cont_clip_hi`` times the rms relative residual (so it climbs to
+   the upper envelope). Where the continuum is
    below ``cont_floor`` times the spectrum's mean continuum, the pixel is masked: no division by
    about zero. Features = flux / continuum, ivar = ivar * continuum^2. ``continuum="none"`` keeps
    the flux (original units) and its ivar.
@@ -77,10 +80,22 @@ class _Piece:
 
     grid: L.InputGrid
     cols: np.ndarray | None  # the batch columns (spectra) it holds; None = all
-    a: np.ndarray  # (npix, k) flux * good * width
+    a: np.ndarray  # (npix + PAD_ROWS, k) flux * good * width, zero-padded
     b: np.ndarray  # good * width
     v: np.ndarray  # var * good * width^2
     has_good: np.ndarray  # (k,) any good pixel
+
+
+def _make_piece(grid: L.InputGrid, cols: np.ndarray | None, f: np.ndarray, g: np.ndarray,
+                var: np.ndarray) -> _Piece:
+    npix, k = f.shape
+    w = grid.width.astype(np.float32)[:, None]
+    a, b, v = L.padded(npix, k), L.padded(npix, k), L.padded(npix, k)
+    np.multiply(g, w, out=b[:npix])
+    np.multiply(f, b[:npix], out=a[:npix])
+    np.multiply(var, b[:npix], out=v[:npix])
+    v[:npix] *= w
+    return _Piece(grid, cols, a, b, v, g.any(axis=0))
 
 
 def _key(*arrays: Any) -> bytes:
@@ -117,6 +132,7 @@ class RawFeaturizer:
         min_coverage: float = 0.5,
         continuum: str = "spline",
         cont_knot_dlog: float = 0.02,
+        cont_bin: int = 4,
         cont_iter: int = 5,
         cont_clip_lo: float = 2.0,
         cont_clip_hi: float = 3.0,
@@ -160,9 +176,8 @@ class RawFeaturizer:
                              f"got {continuum!r}")
         self.continuum = str(continuum)
         self.cont_knot_dlog = num("cont_knot_dlog", cont_knot_dlog, 0.0, lo_open=True)
-        if isinstance(cont_iter, bool) or not float(cont_iter).is_integer() or int(cont_iter) < 1:
-            raise UsageError(f"raw featurizer: cont_iter must be an integer >= 1, got {cont_iter!r}")
-        self.cont_iter = int(cont_iter)
+        self.cont_bin = _int("cont_bin", cont_bin, 1)
+        self.cont_iter = _int("cont_iter", cont_iter, 1)
         self.cont_clip_lo = num("cont_clip_lo", cont_clip_lo, 0.0, lo_open=True)
         self.cont_clip_hi = num("cont_clip_hi", cont_clip_hi, 0.0, lo_open=True)
         self.cont_floor = num("cont_floor", cont_floor, 0.0, 1.0)
@@ -186,7 +201,7 @@ class RawFeaturizer:
             "rv": self.rv, "rv_max_kms": self.rv_max_kms,
             "min_coverage": self.min_coverage,
             "continuum": self.continuum, "cont_knot_dlog": self.cont_knot_dlog,
-            "cont_iter": self.cont_iter, "cont_clip_lo": self.cont_clip_lo,
+            "cont_bin": self.cont_bin, "cont_iter": self.cont_iter, "cont_clip_lo": self.cont_clip_lo,
             "cont_clip_hi": self.cont_clip_hi, "cont_floor": self.cont_floor,
             "snr_min": self.snr_min, "heavy_mask_frac": self.heavy_mask_frac,
         }
@@ -243,11 +258,14 @@ class RawFeaturizer:
         # 2. resolution matching, per arm (and per grid inside an arm)
         pieces: list[_Piece] = []
         used_nominal = 0
-        for arm, (flux, ivar, good) in zip(batch.arms, cleaned):
+        for k, arm in enumerate(batch.arms):
+            flux, ivar, good = cleaned[k]
+            cleaned[k] = None  # free each arm's copies as soon as its pieces exist
             flux *= inv_scale[None, :]
-            with np.errstate(divide="ignore"):
-                var = np.where(good, np.float32(1.0) / ivar, np.float32(0.0))
+            var = ivar  # in place: 1/ivar where good
+            np.divide(np.float32(1.0), ivar, out=var, where=good)
             var *= (inv_scale * inv_scale)[None, :]
+            del ivar
             for cols, wave in self._row_groups(arm):
                 grid = self._grid(wave)
                 if cols is None:
@@ -257,9 +275,9 @@ class RawFeaturizer:
                 if self.target_r is not None:
                     f, g, vv, nominal = self._degrade(arm, grid, cols, f, g, vv)
                     used_nominal += nominal
-                w = grid.width.astype(np.float32)[:, None]
-                gw = g * w
-                pieces.append(_Piece(grid, cols, f * gw, gw, vv * (w * w) * g, g.any(axis=0)))
+                pieces.append(_make_piece(grid, cols, f, g, vv))
+                del f, g, vv
+            del flux, good, var
         if used_nominal:
             notes.append(f"resolution matrix missing for {used_nominal} arm(s): used their resolving_power")
 
@@ -295,8 +313,11 @@ class RawFeaturizer:
         if np.all(zfac == 1.0):
             flux_r, ivar_r, cont_r = flux_o, ivar_o, cont_o
         else:
+            del flux_o, ivar_o
             flux_r, ivar_r = self._rest_frame(pieces, zfac, n)
             cont_r = None if cont_o is None else L.shift_columns(cont_o, np.log10(zfac) / self.dlog)
+            del cont_o
+        del pieces
 
         # 5. continuum normalisation; 6. missing pixels, quality
         if cont_r is not None:
@@ -452,7 +473,8 @@ class RawFeaturizer:
                 mats = (o, o.multiply(o).tocsr())
                 _put(self._zero_mats, key, mats)
             o, o2 = mats
-            num, den, vnum = o @ pc.a, o @ pc.b, o2 @ pc.v
+            npix = pc.grid.npix
+            num, den, vnum = o @ pc.a[:npix], o @ pc.b[:npix], o2 @ pc.v[:npix]
             width = np.diff(self._edges[j0: j1 + 1]).astype(np.float32)[:, None]
             self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, width)
         return _finish_combination(s_fi, s_i)
@@ -470,7 +492,7 @@ class RawFeaturizer:
                 continue
             edges = self._edges[j0: j1 + 1]
             p = L.edge_positions(pc.grid, edges, zf)
-            num, den, vnum = L.resample_sums(pc.a, pc.b, pc.v, p)
+            num, den, vnum = L.resample_sums(pc.a, pc.b, pc.v, p, pc.grid.npix)
             width = (np.diff(edges)[:, None] * zf[None, :]).astype(np.float32)
             self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, width)
         return _finish_combination(s_fi, s_i)
@@ -494,7 +516,7 @@ class RawFeaturizer:
 
     def _continuum(self, flux: np.ndarray, ivar: np.ndarray, n_iter: int) -> np.ndarray:
         if self._cont_model is None:
-            self._cont_model = L.build_continuum_model(np.log10(self._wave), self.cont_knot_dlog)
+            self._cont_model = L.build_continuum_model(np.log10(self._wave), self.cont_knot_dlog, self.cont_bin)
         return L.fit_continuum(self._cont_model, flux, ivar > 0, n_iter, self.cont_clip_lo, self.cont_clip_hi)
 
     def _normalise(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray
@@ -579,9 +601,7 @@ class RawFeaturizer:
             deg = L.build_degrader(grid, L.kernel_sigma(wave, wave / fwhm, self.target_r))
             if deg is not None:
                 f, good, var = L.apply_degrader(deg, f, good, var)
-        w = grid.width.astype(np.float32)[:, None]
-        gw = good * w
-        pc = _Piece(grid, None, f * gw, gw, var * w * w * good, good.any(axis=0))
+        pc = _make_piece(grid, None, f, good, var)
         flux_c, ivar_c = self._observed_frame([pc], nt)
         if not (ivar_c > 0).any(axis=0).all():
             raise StxError(f"raw featurizer: the grid {self.wmin:g}-{self.wmax:g} A does not overlap the RV "
@@ -592,6 +612,17 @@ class RawFeaturizer:
         depth = np.where(valid, np.clip(1.0 - feat, -1.0, 1.0), 0.0)
         self._ccf_templates = np.ascontiguousarray(depth.T, dtype=np.float32)
         return self._ccf_templates
+
+
+def _int(name: str, value: Any, lo: int) -> int:
+    ok = not isinstance(value, bool)
+    try:
+        ok = ok and float(value).is_integer() and int(value) >= lo
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UsageError(f"raw featurizer: {name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
 
 
 def _finish_combination(s_fi: np.ndarray, s_i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
