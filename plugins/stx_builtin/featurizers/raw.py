@@ -51,6 +51,7 @@ A&A 532, A95; parameters Cenarro et al. 2007, MNRAS 374, 664).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,9 @@ class RawFeaturizer:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RawFeaturizer) and other.version == self.version and other.config() == self.config()
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.version, json.dumps(self.config(), sort_keys=True)))
 
     def __repr__(self) -> str:
         return f"RawFeaturizer({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
@@ -415,6 +419,8 @@ class RawFeaturizer:
     def _degrade(self, arm: Arm, grid: L.InputGrid, cols: np.ndarray | None, f: np.ndarray, g: np.ndarray,
                  vv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         assert self.target_r is not None
+        if not g.any():  # nothing to degrade (e.g. dead fibres only): no resolution needed
+            return f, g, vv, 0
         if self.use_resolution_matrix and arm.resolution is not None:
             res = np.asarray(arm.resolution)
             if cols is not None:
