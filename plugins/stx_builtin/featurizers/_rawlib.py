@@ -467,20 +467,22 @@ def shift_columns(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
 TELLURIC_BANDS = ((6865.0, 6935.0), (7165.0, 7345.0), (7590.0, 7710.0), (8120.0, 8360.0))
 
 
-def ccf_velocity(x: np.ndarray, gx: np.ndarray, tmpl: np.ndarray, dlog: float, max_lag: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Velocity (km/s) of each spectrum by cross-correlation with templates on a log10 grid.
+@dataclass
+class CcfBank:
+    """Templates shifted by every lag, as matrices ready for one product each: columns
+    ``(template, lag)``, rows the grid pixels ``j0..j1`` where any shifted template is non-zero."""
 
-    ``x`` (n, m): line depth ``1 - flux/continuum`` of the observed-frame spectra, 0 where
-    ``gx`` (weights, 0/1) is 0; ``tmpl`` (T, m): rest-frame template line depths (0 where unknown).
-    The normalised CCF ``sum x_j t_{j-L} / sqrt(sum x^2 * sum gx t_{j-L}^2)`` is computed for lags
-    L in [-max_lag, max_lag] with one matrix product; the best template and lag win and a parabola
-    through the log-CCF (a Gaussian peak) refines the lag. Returns (v_kms, peak_ccf, at_edge).
-    """
-    from stxcli.spectra import C_KMS
+    sh: np.ndarray  # (j1 - j0, T * nlag) float32
+    sh2: np.ndarray  # sh ** 2
+    lags: np.ndarray
+    ntemplates: int
+    j0: int
+    j1: int
 
-    n, m = x.shape
-    nt = tmpl.shape[0]
+
+def ccf_bank(tmpl: np.ndarray, max_lag: int) -> CcfBank:
+    """Shift the template line depths ``tmpl`` (T, m) by lags -max_lag..max_lag."""
+    nt, m = tmpl.shape
     lags = np.arange(-max_lag, max_lag + 1)
     nl = lags.size
     sh = np.zeros((m, nt, nl), dtype=np.float32)
@@ -490,11 +492,34 @@ def ccf_velocity(x: np.ndarray, gx: np.ndarray, tmpl: np.ndarray, dlog: float, m
         else:
             sh[: m + lag, :, li] = tmpl[:, -lag:].T
     sh = sh.reshape(m, nt * nl)
-    num = (x @ sh).reshape(n, nt, nl)
-    tnorm = (gx @ (sh * sh)).reshape(n, nt, nl)
-    xnorm = (x * x).sum(axis=1)[:, None, None]
+    used = np.flatnonzero(np.any(sh != 0, axis=1))
+    j0, j1 = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+    sh = np.ascontiguousarray(sh[j0:j1])
+    return CcfBank(sh, sh * sh, lags, nt, j0, j1)
+
+
+def ccf_velocity(x: np.ndarray, gx: np.ndarray, bank: CcfBank, dlog: float
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Velocity (km/s) of each spectrum by cross-correlation with templates on a log10 grid.
+
+    ``x`` (n, m): line depth ``1 - flux/continuum`` of the observed-frame spectra, 0 where
+    ``gx`` (weights, 0/1) is 0; ``bank``: rest-frame template line depths shifted by each lag.
+    The normalised CCF ``sum x_j t_{j-L} / sqrt(sum x^2 * sum gx t_{j-L}^2)`` (sums over the
+    templates' range) comes from two matrix products; the best template and lag win and a parabola
+    through the log-CCF (a Gaussian peak) refines the lag. Returns (v_kms, peak_ccf, at_edge);
+    the peak is 0 for a spectrum without lines (rms depth below 1e-4: no velocity information).
+    """
+    from stxcli.spectra import C_KMS
+
+    x = x[:, bank.j0: bank.j1]
+    gx = gx[:, bank.j0: bank.j1]
+    n = x.shape[0]
+    nt, lags = bank.ntemplates, bank.lags
+    nl = lags.size
+    num = (x @ bank.sh).reshape(n, nt, nl)
+    tnorm = (gx @ bank.sh2).reshape(n, nt, nl)
+    xnorm = np.einsum("ij,ij->i", x, x)[:, None, None]
     ngood = gx.sum(axis=1)[:, None, None]
-    # a spectrum without lines (rms depth < 1e-4) carries no velocity information: no peak
     xnorm = np.where(xnorm > 1e-8 * np.maximum(ngood, 1), xnorm, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         cc = np.where((tnorm > 0) & (xnorm > 0), num / np.sqrt(tnorm * xnorm), 0.0)

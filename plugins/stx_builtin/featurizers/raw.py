@@ -191,6 +191,7 @@ class RawFeaturizer:
         self._degraders: dict[bytes, L.Degrader | None] = {}
         self._zero_mats: dict[bytes, Any] = {}
         self._ccf_templates: np.ndarray | None = None
+        self._ccf_bank: L.CcfBank | None = None
 
     # ----------------------------------------------------------------------------- contract
 
@@ -581,9 +582,10 @@ class RawFeaturizer:
         valid &= ~tell[:, None]
         gx = np.ascontiguousarray(valid.T, dtype=np.float32)
         x = np.ascontiguousarray(np.clip(1.0 - feat, -1.0, 1.0).T, dtype=np.float32) * gx
-        tmpl = self._templates()
-        max_lag = int(math.ceil(math.log10(1.0 + self.rv_max_kms / C_KMS) / self.dlog)) + 1
-        return L.ccf_velocity(x, gx, tmpl, self.dlog, max_lag)
+        if self._ccf_bank is None:
+            max_lag = int(math.ceil(math.log10(1.0 + self.rv_max_kms / C_KMS) / self.dlog)) + 1
+            self._ccf_bank = L.ccf_bank(self._templates(), max_lag)
+        return L.ccf_velocity(x, gx, self._ccf_bank, self.dlog)
 
     def _templates(self) -> np.ndarray:
         """Line depths (T, m) of the MILES RV templates, prepared by this featurizer's own steps."""
