@@ -22,7 +22,9 @@ Steps, each vectorised over the batch (numerics in :mod:`._rawlib`):
    seven real MILES stars (A to M, one metal-poor; ``data/templates/miles_rv.npz``, made by
    ``tools/make_rv_templates.py``) prepared by this same pipeline, over lags up to ``rv_max_kms``,
    with a Gaussian peak refinement. ``quality["rv_kms"]`` is the velocity used,
-   ``quality["rv_ccf"]`` the normalised CCF peak (0 where not estimated).
+   ``quality["rv_ccf"]`` the normalised CCF peak (0 where not estimated). A spectrum with no
+   valid pixel or no positive CCF peak (e.g. featureless) gets 0 km/s, and ``notes`` count it,
+   and the spectra whose peak is weak (< 0.2) or at the edge of the lag range.
 4. **Flux-conserving resampling** onto the log10 grid ``wmin..wmax`` step ``dlog`` (default
    3900-8800 A, 1e-4 dex: 3535 pixels): each output pixel is the mean flux density of the good
    input pixels it overlaps, weighted by overlap; its variance is the exact propagation
@@ -33,10 +35,9 @@ Steps, each vectorised over the batch (numerics in :mod:`._rawlib`):
    rest frame by the velocity shift: a cubic P-spline with knots every ``cont_knot_dlog`` dex,
    fitted to bins of ``cont_bin`` pixels and refitted ``cont_iter`` times dropping bins below
    ``-cont_clip_lo`` or above ``+cont_clip_hi`` times the rms relative residual (so it climbs to
-   the upper envelope). Where the continuum is
-   below ``cont_floor`` times the spectrum's mean continuum, the pixel is masked: no division by
-   about zero. Features = flux / continuum, ivar = ivar * continuum^2. ``continuum="none"`` keeps
-   the flux (original units) and its ivar.
+   the upper envelope). Where the continuum is below ``cont_floor`` times the spectrum's mean
+   continuum, the pixel is masked: no division by about zero. Features = flux / continuum,
+   ivar = ivar * continuum^2. ``continuum="none"`` keeps the flux (original units) and its ivar.
 6. **Missing pixels** get feature 1.0 (the continuum; 0.0 with ``continuum="none"``) and ivar 0.
    Nothing non-finite ever leaves :meth:`RawFeaturizer.transform`.
 
@@ -286,29 +287,16 @@ class RawFeaturizer:
         if used_nominal:
             notes.append(f"resolution matrix missing for {used_nominal} arm(s): used their resolving_power")
 
-        # 3. observed frame (fixed rebinning), continuum there
+        # 3. observed frame (fixed rebinning), continuum there, velocities
         flux_o, ivar_o = self._observed_frame(pieces, n)
-        rv, est, empty = self._plan_velocities(batch, pieces, notes)
+        rv, est, empty = self._plan_velocities(batch, pieces)
         cont_o = None
         if self.continuum == "spline":
             cont_o = self._continuum(flux_o, ivar_o, self.cont_iter)
         ccf_peak = np.zeros(n)
         if est.any():
-            c_est = cont_o[:, est] if cont_o is not None else self._continuum(
-                flux_o[:, est], ivar_o[:, est], _RV_CONT_ITER)
-            v, pk, edge = self._estimate_rv(flux_o[:, est], ivar_o[:, est], c_est)
-            failed = ~(pk > 0)  # nothing on the grid to correlate, or no positive CCF peak
-            v = np.where(failed, 0.0, v)
-            rv[est] = v
-            ccf_peak[est] = np.where(failed, 0.0, pk)
-            weak = ~failed & ((pk < 0.2) | edge)
-            extra = []
-            if failed.any():
-                extra.append(f"{int(failed.sum())} failed: no CCF peak, 0 used")
-            if weak.any():
-                extra.append(f"{int(weak.sum())} unreliable: CCF peak < 0.2 or at +-{self.rv_max_kms:g} km/s")
-            notes.append(f"rv estimated by cross-correlation with MILES templates for {int(est.sum())} of "
-                         f"{n} spectra" + (f" ({'; '.join(extra)})" if extra else ""))
+            rv[est], ccf_peak[est] = self._estimate_rv(flux_o[:, est], ivar_o[:, est],
+                                                       None if cont_o is None else cont_o[:, est], notes)
         if empty.any():
             notes.append(f"{int(empty.sum())} spectra without data: no RV estimated (0 used)")
         flags[est] |= F.RV_ESTIMATED
@@ -347,7 +335,7 @@ class RawFeaturizer:
         flags[snr < self.snr_min] |= F.LOW_SNR
         flags[bad_input] |= F.BAD_INPUT
         if bad_input.any():
-            notes.append(f"{int(bad_input.sum())} spectra had NaN/inf input pixels (masked)")
+            notes.append(f"{int(bad_input.sum())} spectra had NaN/inf (or reader-counted bad) input pixels, masked")
         if (nvalid == 0).any():
             notes.append(f"{int((nvalid == 0).sum())} spectra have no valid pixel on the grid")
         quality = {
@@ -542,7 +530,7 @@ class RawFeaturizer:
         fivar *= safe
         return feat, fivar, valid
 
-    def _plan_velocities(self, batch: SpectrumBatch, pieces: list[_Piece], notes: list[str]
+    def _plan_velocities(self, batch: SpectrumBatch, pieces: list[_Piece]
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Velocities known up front, and which spectra need an estimate (``est``) or cannot get
         one for lack of data (``empty``, velocity 0)."""
@@ -572,9 +560,13 @@ class RawFeaturizer:
                 has_data[pc.cols[pc.has_good]] = True
         return rv, need & has_data, need & ~has_data
 
-    def _estimate_rv(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CCF velocities of observed-frame spectra ``(m, ne)`` against the MILES templates."""
+    def _estimate_rv(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray | None, notes: list[str]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """CCF velocities (km/s) and peaks of observed-frame spectra ``(m, ne)`` against the MILES
+        templates; 0 km/s (peak 0) where there is no positive peak. Counts go to ``notes``."""
+        ne = flux.shape[1]
+        if cont is None:  # continuum="none": a continuum for the cross-correlation only
+            cont = self._continuum(flux, ivar, _RV_CONT_ITER)
         feat, _, valid = self._normalise(flux, ivar, cont)
         tell = np.zeros(self.dim, bool)
         for lo, hi in L.TELLURIC_BANDS:
@@ -585,7 +577,17 @@ class RawFeaturizer:
         if self._ccf_bank is None:
             max_lag = int(math.ceil(math.log10(1.0 + self.rv_max_kms / C_KMS) / self.dlog)) + 1
             self._ccf_bank = L.ccf_bank(self._templates(), max_lag)
-        return L.ccf_velocity(x, gx, self._ccf_bank, self.dlog)
+        v, peak, edge = L.ccf_velocity(x, gx, self._ccf_bank, self.dlog)
+        failed = ~(peak > 0)  # nothing on the grid to correlate, or no positive CCF peak
+        weak = ~failed & ((peak < 0.2) | edge)
+        extra = []
+        if failed.any():
+            extra.append(f"{int(failed.sum())} failed: no CCF peak, 0 used")
+        if weak.any():
+            extra.append(f"{int(weak.sum())} unreliable: CCF peak < 0.2 or at +-{self.rv_max_kms:g} km/s")
+        notes.append(f"rv estimated by cross-correlation with MILES templates for {ne} spectra"
+                     + (f" ({'; '.join(extra)})" if extra else ""))
+        return np.where(failed, 0.0, v), np.where(failed, 0.0, peak)
 
     def _templates(self) -> np.ndarray:
         """Line depths (T, m) of the MILES RV templates, prepared by this featurizer's own steps."""
