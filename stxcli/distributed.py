@@ -319,7 +319,7 @@ def _featurizer_for(job: FeaturizeJob) -> Any:
     return feat
 
 
-def _maybe_fail(part: Part, job: FeaturizeJob) -> None:
+def _maybe_fail(part: Part, job: "FeaturizeJob | PredictJob") -> None:
     if part.index in job.fail_once:
         marker = Path(job.parts_dir) / f".failed-once-{part.index}"
         if not marker.exists():
@@ -428,6 +428,22 @@ class _Combiner:
                     ds[off:] = v
 
 
+def _warn_kept(parts: Sequence[Part], pdir: Path, is_done: Callable[[Part], bool]) -> None:
+    done = sum(1 for p in parts if is_done(p))
+    console.warn(f"interrupted: {done} of {len(parts)} partitions are kept in {pdir}; "
+                 "rerun the same command to resume")
+
+
+def _reraise_with_kept(exc: StxError, parts: Sequence[Part], pdir: Path,
+                       is_done: Callable[[Part], bool]) -> None:
+    """Re-raise ``exc``, saying where the finished parts wait for a rerun (if any do)."""
+    done = sum(1 for p in parts if is_done(p))
+    if done:
+        raise type(exc)(f"{exc} [{done} of {len(parts)} finished partitions are kept in "
+                        f"{pdir} for a rerun]") from exc
+    raise exc
+
+
 def featurize_on_dask(dask: "str | DaskTarget | Any", paths: list[Path], output: Path, feat: Any, *,
                       format: str | None, chunk_size: int,
                       catalog: tuple[np.ndarray, dict[str, np.ndarray]] | None,
@@ -484,21 +500,190 @@ def featurize_on_dask(dask: "str | DaskTarget | Any", paths: list[Path], output:
                 n = comb.w.n
                 checksum = comb.w.finish()
             except KeyboardInterrupt:
-                done = sum(1 for p in parts if part_is_done(p))
-                console.warn(f"interrupted: {done} of {len(parts)} partitions are kept in {pdir}; "
-                             "rerun the same command to resume")
+                _warn_kept(parts, pdir, part_is_done)
                 raise
             except StxError as exc:
-                done = sum(1 for p in parts if part_is_done(p))
-                if done:
-                    raise type(exc)(f"{exc} [{done} of {len(parts)} finished partitions are kept in "
-                                    f"{pdir} for a rerun]") from exc
-                raise
+                _reraise_with_kept(exc, parts, pdir, part_is_done)
             finally:
                 comb.w.close()
     shutil.rmtree(pdir, ignore_errors=True)
     return {"n_spectra": n, "checksum": checksum, "readers": comb.readers, "notes": sorted(comb.notes),
             "n_labelled": comb.n_match if comb.join else None,
+            "dask": {"scheduler": address, "workers": stats.workers, "partitions": stats.partitions,
+                     "files_per_partition": per_part, "reused": stats.reused, "computed": stats.computed,
+                     "workers_used": len({i["worker"] for i in stats.task_info}),
+                     "retried": stats.retried, "task_seconds": round(stats.seconds_in_tasks, 3)}}
+
+
+# ------------------------------------------------------------------------------------ predict
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """What every predict task needs: the model directory (visible to the workers) and options."""
+
+    model: str
+    manifest_sha256: str
+    format: str | None
+    chunk_rows: int
+    device: str
+    parts_dir: str
+    fail_once: tuple[int, ...] = ()
+
+
+def _model_for(job: PredictJob) -> tuple[Any, Any]:
+    """The model and its featurizer, loaded once per worker thread."""
+    from .errors import ModelFileError
+    from .model import load_model
+    from .predict import model_featurizer
+
+    cache = getattr(_local, "models", None)
+    if cache is None:
+        cache = _local.models = {}
+    key = (job.model, job.manifest_sha256, job.device)
+    if key not in cache:
+        model = load_model(job.model).to(job.device)
+        if model.mdir.manifest_sha256 != job.manifest_sha256:
+            raise ModelFileError(f"{job.model}: the model directory a worker sees differs from the "
+                                 "client's (another copy, or changed during the run)")
+        cache[key] = (model, model_featurizer(model))
+    return cache[key]
+
+
+def predict_part(part: Part, job: PredictJob) -> dict[str, Any]:
+    """The Dask task: featurize ``part.files`` with the model's featurizer, predict, and save the
+    output columns chunk by chunk (exactly the chunks the single-process run appends to its spool)
+    in the part file ``part.path`` (``.npz``, atomic). Predictions are a few numbers per spectrum:
+    a partition's fit in memory."""
+    from .errors import ModelFileError
+    from .io import atomic_file
+    from .predict import file_chunks, predict_chunk
+
+    t0 = time.perf_counter()
+    _maybe_fail(part, job)
+    model, feat = _model_for(job)
+    arrays: dict[str, np.ndarray] = {}
+    sizes: list[int] = []
+    for ch in file_chunks([Path(f) for f in part.files], feat, job.format, job.chunk_rows):
+        if ch.features.shape[1] != model.input_dim:
+            raise ModelFileError(f"features have {ch.features.shape[1]} columns, model expects {model.input_dim}")
+        cols = {**ch.columns, **predict_chunk(model, ch, job.device)}
+        for k, v in cols.items():
+            v = np.asarray(v)
+            arrays[f"c{len(sizes):06d}.{k}"] = v.astype(str) if v.dtype.kind == "O" else v
+        sizes.append(len(ch.snr))
+    meta = {"part_key": part.key, "chunks": [[int(m), [k.split(".", 1)[1] for k in arrays
+                                                      if k.startswith(f"c{i:06d}.")]]
+                                             for i, m in enumerate(sizes)]}
+    with atomic_file(part.path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, __meta__=np.array(json.dumps(meta)), **arrays)
+    return {"index": part.index, "n": int(sum(sizes)), "files": len(part.files),
+            "seconds": time.perf_counter() - t0, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def _npz_meta(path: str | Path) -> dict[str, Any] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["__meta__"]))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def predict_part_is_done(part: Part) -> bool:
+    meta = _npz_meta(part.path) if Path(part.path).exists() else None
+    return meta is not None and meta.get("part_key") == part.key
+
+
+def _append_spool_part(master: Any, part: Part, counts: dict[str, int]) -> None:
+    """Append a part's chunks to the master spool, in order, as the single-process run would."""
+    from .predict import _count_flags
+
+    with np.load(part.path, allow_pickle=False) as z:
+        meta = json.loads(str(z["__meta__"]))
+        for i, (_, names) in enumerate(meta["chunks"]):
+            cols = {k: z[f"c{i:06d}.{k}"] for k in names}
+            master.append(cols)
+            _count_flags(counts, cols["flags"])
+
+
+def predict_on_dask(dask: "str | DaskTarget | Any", model_path: str | Path, inputs: Sequence[str],
+                    output: str | Path, *, format: str | None = None, chunk_rows: int = 4096,
+                    device: str = "cpu", partition_files: int | None = None,
+                    retries: int = 2) -> dict[str, Any]:
+    """``stx predict --dask``: survey files are partitioned across the workers; each partition
+    featurizes and predicts its files into a part spool; the parts are combined in order into the
+    FITS catalog, which equals the single-process one. Feature stores and input catalogs are
+    predicted in one process (featurizing is the costly step), so they are refused here."""
+    from .io import atomic_file
+    from .model import load_model
+    from .predict import ID_EXTRAS, Spool, classify_inputs, header_cards
+
+    if chunk_rows < 1:
+        raise UsageError("--chunk-size must be >= 1")
+    if retries < 0:
+        raise UsageError("--dask-retries must be >= 0")
+    output = Path(output)
+    if not output.name.lower().endswith((".fits", ".fit")):
+        raise UsageError(f"-o {output}: the output is a FITS table (name it .fits)")
+    stores, files, catalog = classify_inputs(inputs)
+    if stores or catalog is not None:
+        raise UsageError("--dask distributes survey files; predict feature stores and input catalogs "
+                         "without --dask")
+    model = load_model(model_path)
+    job_key = json.dumps({"model": model.mdir.manifest_sha256, "format": format, "chunk": chunk_rows},
+                         sort_keys=True)
+    per_part = partition_files or files_per_part(len(files))
+    pdir = parts_dir_for(output)
+    parts = make_parts(files, per_part, pdir, job_key, suffix=".npz")
+    fail_once = tuple(int(x) for x in os.environ.get(FAIL_ONCE_ENV, "").split(",") if x.strip())
+    job = PredictJob(str(Path(model_path).resolve()), model.mdir.manifest_sha256, format, chunk_rows, device,
+                     str(pdir), fail_once)
+    units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}
+    counts: dict[str, int] = {}
+    t0 = time.perf_counter()
+    with connect(dask) as client:
+        pdir.mkdir(parents=True, exist_ok=True)
+        address = getattr(getattr(client, "scheduler", None), "address", None) or str(dask)
+        with atomic_file(output) as tmp:
+            spool_path = tmp.with_name(tmp.name + ".spool")
+            spool = Spool(spool_path)
+            try:
+                done_before = {p.index for p in parts if predict_part_is_done(p)}
+                if done_before:
+                    console.info(f"resuming {output}: {len(done_before)} of {len(parts)} partitions already done")
+                stats = run_parts(client, parts, predict_part, (job,), is_done=lambda p: p.index in done_before,
+                                  on_ready=lambda p: _append_spool_part(spool, p, counts), retries=retries,
+                                  description="predict", status=lambda: f"{spool.n} spectra")
+                if spool.n == 0:
+                    raise StxError("no spectra to predict")
+                order = [c for c in ("id", "survey", "source_file", "source_row", *ID_EXTRAS, "ra", "dec")
+                         if c in spool.order]
+                for s in model.specs:
+                    order += [s.name, f"{s.name}_err"]
+                order += ["snr", "flags"]
+                spool.write_fits(tmp, order, units, header_cards(model))
+                n = spool.n
+            except KeyboardInterrupt:
+                _warn_kept(parts, pdir, predict_part_is_done)
+                raise
+            except StxError as exc:
+                _reraise_with_kept(exc, parts, pdir, predict_part_is_done)
+            finally:
+                spool.close()
+                if spool_path.is_dir():
+                    shutil.rmtree(spool_path, ignore_errors=True)
+                elif spool_path.exists():
+                    spool_path.unlink()
+    shutil.rmtree(pdir, ignore_errors=True)
+    dt = time.perf_counter() - t0
+    for name, count in counts.items():
+        if name in ("OUT_OF_DOMAIN", "OUT_OF_LABEL_RANGE") and count:
+            console.warn(f"{count} of {n} spectra flagged {name}")
+    return {"output": str(output), "model": str(model_path), "model_kind": model.mdir.kind,
+            "manifest_sha256": model.mdir.manifest_sha256, "n_spectra": n, "labels": model.label_names,
+            "flags": counts, "time_s": round(dt, 3), "spectra_per_s": round(n / dt, 1) if dt > 0 else None,
+            "inputs": {"stores": [], "files": len(files), "catalog": None},
             "dask": {"scheduler": address, "workers": stats.workers, "partitions": stats.partitions,
                      "files_per_partition": per_part, "reused": stats.reused, "computed": stats.computed,
                      "workers_used": len({i["worker"] for i in stats.task_info}),

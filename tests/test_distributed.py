@@ -22,7 +22,7 @@ from conftest import run_cli
 
 distributed = pytest.importorskip("distributed")
 
-N_LAMOST = 14
+N_LAMOST = 16
 PER_PART = 3
 
 
@@ -48,7 +48,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, shared):
-    """14 real LAMOST DR10 files with a DESI coadd (5 spectra, other metadata columns) in the
+    """16 real LAMOST DR10 files with a DESI coadd (5 spectra, other metadata columns) in the
     middle, so parts differ in their columns; plus a label catalog with an ``rv`` column."""
     d = tmp_path_factory.mktemp("dask_inputs")
     lam = sorted((shared / "lamost-dr10-train" / "spectra").glob("*.fits.gz"))[:N_LAMOST]
@@ -281,3 +281,70 @@ def test_no_dask_import_without_the_option(inputs, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "o.h5").exists()
+
+
+# ------------------------------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def model(single, tmp_path_factory):
+    """A tiny MLP (3 epochs) trained on the reference store's 16 labelled stars: enough to
+    compare predictions, not to be a good model."""
+    from stxcli.cli.main import main
+
+    out = tmp_path_factory.mktemp("model") / "m"
+    assert main(["pretrain", str(single[0]), "-o", str(out), "--set", "hidden=8", "--epochs", "3",
+                 "--val-frac", "0.33", "--threads", "1", "--quiet"]) == 0
+    return out
+
+
+def _fits_rows(path: Path):
+    from astropy.io import fits
+
+    with fits.open(path) as h:
+        return h[1].data.copy(), h[1].header.copy(), h[0].header.copy()
+
+
+def test_predict_equal_to_single_process(client, inputs, model, tmp_path, monkeypatch, capsys):
+    from stxcli.predict import run_predict
+
+    files = inputs["list"].read_text().split()
+    ref = run_predict(model, files, tmp_path / "ref.fits")
+    monkeypatch.setenv(D.FAIL_ONCE_ENV, "2")  # and one partition fails once on the way
+    got = D.predict_on_dask(client, model, files, tmp_path / "dask.fits", partition_files=PER_PART)
+    assert "partition 2 failed" in capsys.readouterr().err
+    dk = got.pop("dask")
+    assert dk["partitions"] == dk["computed"] == 6 and dk["retried"] == 1 and dk["workers_used"] == 2
+    for k in ("n_spectra", "labels", "flags", "manifest_sha256", "inputs"):
+        assert got[k] == ref[k], k
+    a, ha, pa = _fits_rows(tmp_path / "ref.fits")
+    b, hb, pb = _fits_rows(tmp_path / "dask.fits")
+    assert a.columns.names == b.columns.names and a.dtype == b.dtype
+    assert a.tobytes() == b.tobytes()  # every value, the row order, the string widths
+    assert {k: ha[k] for k in ha if not k.startswith("T")} == {k: hb[k] for k in hb if not k.startswith("T")}
+    assert list(a["survey"][7:12]) == ["desi"] * 5 and len(a) == N_LAMOST + 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dask.fits", "ref.fits"]
+
+
+def test_predict_resume_and_refusals(client, inputs, model, single, tmp_path, monkeypatch):
+    files = inputs["list"].read_text().split()[:6]
+    out = tmp_path / "p.fits"
+    real = D._append_spool_part
+
+    def interrupted(master, part, counts):
+        if part.index == 1:
+            raise KeyboardInterrupt
+        real(master, part, counts)
+
+    monkeypatch.setattr(D, "_append_spool_part", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        D.predict_on_dask(client, model, files, out, partition_files=2)
+    assert not out.exists() and (D.parts_dir_for(out) / "part-000001.npz").exists()
+    monkeypatch.setattr(D, "_append_spool_part", real)
+    got = D.predict_on_dask(client, model, files, out, partition_files=2)
+    assert got["dask"]["reused"] >= 2 and got["dask"]["reused"] + got["dask"]["computed"] == 3
+    assert got["n_spectra"] == 6 and [p.name for p in tmp_path.iterdir()] == ["p.fits"]
+    with pytest.raises(UsageError, match="without --dask"):
+        D.predict_on_dask(client, model, [str(single[0])], tmp_path / "s.fits")
+    with pytest.raises(UsageError, match="FITS"):
+        D.predict_on_dask(client, model, files, tmp_path / "s.csv")
