@@ -16,7 +16,7 @@ Spaces
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -133,7 +133,8 @@ class StxNet(nn.Module):
         self.register_buffer("feature_scale", feature_scale.detach().clone().float())
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.feature_mean) * self.feature_scale
+        # one fused pass over the batch: x * scale - mean * scale
+        return torch.addcmul(-self.feature_mean * self.feature_scale, x, self.feature_scale)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.standardize(x))
@@ -170,10 +171,14 @@ class DomainModel:
     resid_max: float
     quantile: float
     n_fit: int
+    _dev: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def fit(cls, z_fit: np.ndarray, z_cal: np.ndarray, *, n_components: int = 16,
             quantile: float = 0.999, seed: int = 0) -> "DomainModel":
+        """PCA of ``z_fit`` (standardised features); thresholds: the ``quantile`` of the scores
+        of the fitted rows and of the held-out ``z_cal`` rows, whichever is larger (a PCA fitted
+        on rows of high dimension describes those rows better than new ones)."""
         z_fit = np.asarray(z_fit, dtype=np.float32)
         n, d = z_fit.shape
         k = max(1, min(n_components, n - 1, d))
@@ -188,24 +193,38 @@ class DomainModel:
         eig = np.maximum(eig, 1e-12 * max(float(eig.max()), 1e-12))
         dm = cls(center=center, components=comps.astype(np.float32), eigvals=eig.astype(np.float32),
                  d2_max=np.inf, resid_max=np.inf, quantile=quantile, n_fit=n)
-        cal = z_cal if len(z_cal) >= 20 else z_fit
-        d2, resid = dm.scores_np(cal)
-        dm.d2_max = float(np.quantile(d2, quantile))
-        dm.resid_max = float(np.quantile(resid, quantile))
+        d2, resid = dm.scores_np(z_fit)
+        dm.d2_max, dm.resid_max = float(np.quantile(d2, quantile)), float(np.quantile(resid, quantile))
+        if len(z_cal):
+            d2, resid = dm.scores_np(z_cal)
+            dm.d2_max = max(dm.d2_max, float(np.quantile(d2, quantile)))
+            dm.resid_max = max(dm.resid_max, float(np.quantile(resid, quantile)))
         return dm
 
+    def _on(self, device: Any) -> dict[str, Any]:
+        key = str(device)
+        if self._dev.get("device") != key:
+            comp = torch.as_tensor(self.components, device=device)
+            c = torch.as_tensor(self.center, device=device)
+            self._dev = {"device": key, "a": torch.cat([comp, c[None]], 0).T.contiguous(),
+                         "cc": c @ comp.T, "c2": float(c.double().pow(2).sum()),
+                         "ev": torch.as_tensor(self.eigvals, device=device)}
+        return self._dev
+
     def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = torch.as_tensor(self.center, device=z.device)
-        comp = torch.as_tensor(self.components, device=z.device)
-        ev = torch.as_tensor(self.eigvals, device=z.device)
-        dz = z - c
-        p = dz @ comp.T
-        d2 = (p * p / ev).mean(1)
-        resid = ((dz * dz).sum(1) - (p * p).sum(1)).clamp_min(0) / z.shape[1]
+        """(d2, resid) per row of ``z``, reading ``z`` twice and writing nothing of its size:
+        ``|z - c|^2 = z.z - 2 z.c + c.c`` and the projections come from one matrix product."""
+        t = self._on(z.device)
+        k = t["ev"].shape[0]
+        q = z @ t["a"]  # (B, k + 1): projections of z, and z.c
+        p = q[:, :k] - t["cc"]
+        dd = torch.linalg.vecdot(z, z) - 2 * q[:, k] + t["c2"]
+        d2 = (p * p / t["ev"]).mean(1)
+        resid = (dd - (p * p).sum(1)).clamp_min(0) / z.shape[1]
         return d2, resid
 
     def scores_np(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d2, r = self.scores(torch.from_numpy(np.asarray(z, np.float32)))
+        d2, r = self.scores(torch.from_numpy(np.ascontiguousarray(z, np.float32)))
         return d2.numpy(), r.numpy()
 
     def outside(self, z: torch.Tensor) -> torch.Tensor:

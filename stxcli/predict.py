@@ -149,63 +149,56 @@ def predict_chunk(model: Any, ch: Chunk, device: str) -> dict[str, np.ndarray]:
 
 @dataclass
 class Spool:
-    """Column chunks spooled to a temporary HDF5 file (flat memory), written out as FITS."""
+    """Column chunks spooled to ``.npz`` files in a temporary folder (flat memory), then written
+    out as one FITS binary table. Strings are kept as UTF-8 bytes; their FITS width is the
+    longest seen. A column missing from some chunks gets its fill value there."""
 
-    path: Path
+    folder: Path
     n: int = 0
     order: list[str] = field(default_factory=list)
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)
     str_width: dict[str, int] = field(default_factory=dict)
+    files: list[tuple[Path, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        import h5py
-
-        self.f = h5py.File(self.path, "w")
+        self.folder.mkdir(parents=True, exist_ok=False)
 
     def append(self, cols: dict[str, np.ndarray]) -> None:
-        import h5py
-
         m = len(next(iter(cols.values())))
-        for k in self.order:  # a column absent from this chunk gets its fill value
-            if k not in cols:
-                ds = self.f[k]
-                ds.resize(self.n + m, axis=0)
+        arrays = {}
         for k, v in cols.items():
             v = np.asarray(v)
-            is_str = v.dtype.kind in ("U", "S", "O")
-            if k not in self.f:
-                dtype = h5py.string_dtype("utf-8") if is_str else v.dtype
-                self.f.create_dataset(k, shape=(self.n,), maxshape=(None,), dtype=dtype, chunks=(8192,),
-                                      fillvalue=_fill_for(v.dtype))
+            if v.dtype.kind in ("U", "S", "O"):
+                b = np.char.encode(v.astype(str), "utf-8") if v.dtype.kind != "S" else v
+                self.str_width[k] = max(self.str_width.get(k, 1), b.dtype.itemsize)
+                v = b
+            elif k not in self.dtypes:
+                self.dtypes[k] = v.dtype
+            if k not in self.order:
                 self.order.append(k)
-                if is_str:
-                    self.str_width[k] = 1
-            ds = self.f[k]
-            ds.resize(self.n + m, axis=0)
-            if is_str:
-                enc = [str(x).encode() for x in v]
-                self.str_width[k] = max(self.str_width[k], max((len(e) for e in enc), default=1))
-                ds[self.n:self.n + m] = np.array([e.decode() for e in enc], dtype=object)
-            else:
-                ds[self.n:self.n + m] = v.astype(ds.dtype, copy=False)
+            arrays[k] = v
+        path = self.folder / f"c{len(self.files):07d}.npz"
+        np.savez(path, **arrays)
+        self.files.append((path, m))
         self.n += m
 
     def close(self) -> None:
-        if self.f.id.valid:
-            self.f.close()
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def write_fits(self, out: Path, order: Sequence[str], units: dict[str, str],
-                   header: dict[str, tuple[Any, str]], chunk_rows: int = 65536) -> None:
+                   header: dict[str, tuple[Any, str]]) -> None:
         from astropy.io import fits
 
         cols, dtypes = [], []
         for k in order:
-            ds = self.f[k]
             if k in self.str_width:
                 w = self.str_width[k]
                 cols.append(fits.Column(name=k, format=f"{w}A"))
                 dtypes.append((k, f"S{w}"))
             else:
-                code, be = _fits_format(ds.dtype)
+                code, be = _fits_format(self.dtypes[k])
                 cols.append(fits.Column(name=k, format=code, unit=units.get(k) or None))
                 dtypes.append((k, be))
         hdu = fits.BinTableHDU.from_columns(fits.ColDefs(cols), nrows=0, name=HDU_NAME)
@@ -223,20 +216,18 @@ class Spool:
             fh.write(ph.tostring().encode("ascii"))
             fh.write(th.tostring().encode("ascii"))
             size = 0
-            for s in range(0, self.n, chunk_rows):
-                e = min(s + chunk_rows, self.n)
-                buf = np.zeros(e - s, dtype=rec)
-                for k in order:
-                    v = self.f[k][s:e]
-                    if k in self.str_width:
-                        buf[k] = [x.encode() if isinstance(x, str) else (x or b"") for x in v]
-                    else:
-                        buf[k] = v
+            for path, m in self.files:
+                buf = np.zeros(m, dtype=rec)
+                with np.load(path) as z:
+                    for k in order:
+                        if k in z.files:
+                            buf[k] = z[k]
+                        elif k not in self.str_width:
+                            buf[k] = _fill_for(self.dtypes[k])
                 data = buf.tobytes()
                 fh.write(data)
                 size += len(data)
-            pad = (-size) % 2880
-            fh.write(b"\0" * pad)
+            fh.write(b"\0" * ((-size) % 2880))
 
 
 def _fill_for(dtype: np.dtype) -> Any:
@@ -384,8 +375,7 @@ def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any
     counts: dict[str, int] = {}
     units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}
     with atomic_file(output) as tmp:
-        spool_path = tmp.with_name(tmp.name + ".spool.h5")
-        spool = Spool(spool_path)
+        spool = Spool(tmp.with_name(tmp.name + ".spool"))
         try:
             with console.progress("predict", total=None) as bar:
                 for ch in chunks():
@@ -407,8 +397,6 @@ def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any
             n = spool.n
         finally:
             spool.close()
-            if spool_path.exists():
-                spool_path.unlink()
     return n, counts
 
 

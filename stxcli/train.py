@@ -292,6 +292,8 @@ class RowSet:
         self.chunks = self._plan(chunk_rows)
         self.n = int(sum(m.sum() for m in masks))
         self.dim = sources[0].dim
+        #: (mean, scale) once :meth:`Batches.standardize` ran: rows come out standardised
+        self.norm: tuple[np.ndarray, np.ndarray] | None = None
 
     def _plan(self, rows: int) -> list[tuple[int, int, int]]:
         out = []
@@ -306,8 +308,14 @@ class RowSet:
         i, s, e = c
         m = self.masks[i][s:e]
         x, iv = self.sources[i].read(s, e, self.want_ivar)
-        x = np.asarray(x, np.float32)[m]
+        x = np.asarray(x, np.float32)[m]  # boolean indexing copies: safe to modify in place
         iv = None if iv is None else np.asarray(iv, np.float32)[m]
+        if self.norm is not None:
+            mean, scale = self.norm
+            x -= mean
+            x *= scale
+            if iv is not None:
+                iv /= scale * scale
         y = self.y_std[i][s:e][m]
         w = np.full(len(y), self.sources[i].weight, np.float32)
         return x, iv, y, w
@@ -345,6 +353,22 @@ class Batches:
     @property
     def n(self) -> int:
         return self.rows.n
+
+    def standardize(self, mean: np.ndarray, scale: np.ndarray) -> None:
+        """From now on yield standardised rows, ``(x - mean) * scale`` (and ivar / scale^2):
+        done once here for the cached rows, per read for streamed ones, never per batch."""
+        import torch
+
+        if self.rows.norm is not None:
+            raise RuntimeError("rows are already standardised")
+        mean = np.asarray(mean, np.float32)
+        scale = np.asarray(scale, np.float32)
+        self.rows.norm = (mean, scale)
+        if self.cached:
+            s = torch.from_numpy(scale)
+            self.t[0].sub_(torch.from_numpy(mean)).mul_(s)
+            if self.t[1] is not None:
+                self.t[1].div_(s * s)
 
     def epoch(self, rng: np.random.Generator, batch_size: int, shuffle: bool = True) -> Iterator[tuple]:
         import torch
@@ -459,23 +483,23 @@ def gaussian_nll(mean: Any, logvar: Any, y: Any, w: Any | None = None) -> Any:
 
 @dataclass
 class FitData:
-    """What a closed-form head's ``fit`` sees: standardised numpy chunks (x, y, w)."""
+    """What a closed-form head's ``fit`` sees: standardised numpy chunks ``(x, y, w)`` of the
+    training and validation rows (labels standardised, NaN where missing)."""
 
     train: Batches
     val: Batches
-    feature_mean: np.ndarray
-    feature_scale: np.ndarray
     n_labels: int
 
-    def _std(self, b: Batches) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    @staticmethod
+    def _iter(b: Batches) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for x, _, y, w in b.chunks():
-            yield (x - self.feature_mean) * self.feature_scale, y, w
+            yield x, y, w
 
     def iter_train(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        return self._std(self.train)
+        return self._iter(self.train)
 
     def iter_val(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        return self._std(self.val)
+        return self._iter(self.val)
 
 
 @dataclass
@@ -521,7 +545,8 @@ class PredStats:
 
 
 def predict_rows(net: Any, batches: Batches, device: str, batch_size: int = 4096) -> PredStats:
-    """Run ``net`` on every row (eval mode): the ensemble-combined mean/var and the NLL."""
+    """Run ``net`` on every (standardised) row in eval mode: the ensemble-combined mean/var and
+    the NLL."""
     import torch
 
     from .model import combine_members
@@ -533,7 +558,7 @@ def predict_rows(net: Any, batches: Batches, device: str, batch_size: int = 4096
     with torch.no_grad():
         for x, _, y, w in batches.chunks(batch_size):
             xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-            mu, lv = net(xt)
+            mu, lv = net.head(xt)
             m, v = combine_members(mu, lv)
             yt = torch.from_numpy(y).to(device)
             wt = torch.from_numpy(w).to(device)
@@ -562,6 +587,20 @@ def label_report(specs: list[Any], ps: PredStats) -> dict[str, Any]:
     return out
 
 
+def _clip(params: list[Any], max_norm: float) -> None:
+    """Clip the global gradient norm, touching the gradients only when it is exceeded."""
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if float(norm) > max_norm:
+        coef = max_norm / (float(norm) + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+
+
 def fit_gradient(net: Any, param_groups: list[dict[str, Any]], train: Batches, val: Batches,
                  hp: dict[str, Any], opts: TrainOptions, device: str, title: str) -> FitResult:
     """AdamW on the masked NLL with early stopping on the validation NLL; restores the best
@@ -587,26 +626,29 @@ def fit_gradient(net: Any, param_groups: list[dict[str, Any]], train: Batches, v
         for epoch in range(1, hp["epochs"] + 1):
             net.train()
             tot, nb = 0.0, 0
+            te = time.perf_counter()
             for x, iv, y, w in train.epoch(rng, hp["batch_size"]):
                 x = x.to(device, non_blocking=True)
                 if opts.augment_noise > 0 and iv is not None:
                     iv = iv.to(device)
                     sigma = torch.where(iv > 0, iv.clamp_min(1e-30).rsqrt(), torch.zeros_like(iv))
                     x = x + opts.augment_noise * sigma * torch.randn(x.shape, generator=gen, device=device)
-                mean, logvar = net(x)
+                mean, logvar = net.head(x)
                 loss = gaussian_nll(mean, logvar, y.to(device), w.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if hp["grad_clip"]:
-                    torch.nn.utils.clip_grad_norm_(params, hp["grad_clip"])
+                    _clip(params, float(hp["grad_clip"]))
                 opt.step()
                 tot += float(loss.detach())
                 nb += 1
+            t_train = time.perf_counter() - te
             vnll = predict_rows(net, val, device).nll
             if not math.isfinite(vnll):
                 raise StxError(f"{title}: validation loss became {vnll} at epoch {epoch} (lower --lr?)")
             sched.step(vnll)
-            res.history.append({"epoch": epoch, "train_nll": tot / max(nb, 1), "val_nll": vnll})
+            res.history.append({"epoch": epoch, "train_nll": tot / max(nb, 1), "val_nll": vnll,
+                                "train_s": round(t_train, 4), "epoch_s": round(time.perf_counter() - te, 4)})
             res.epochs_run = epoch
             if vnll < best - opts.min_delta:
                 best, bad, res.best_epoch = vnll, 0, epoch
@@ -669,13 +711,13 @@ def build_batches(prep: Prepared, specs: list[Any], opts: TrainOptions) -> None:
                  f"({'in memory' if cache_train else 'streamed from the store'})")
 
 
-def fit_domain(train: Batches, val: Batches, mean: np.ndarray, scale: np.ndarray, seed: int,
-               max_rows: int = 4096) -> Any:
+def fit_domain(train: Batches, val: Batches, seed: int, max_rows: int = 4096) -> Any:
+    """The training-domain model from (standardised) training and validation rows."""
     from .model import DomainModel
 
     rng = np.random.default_rng(seed + 3)
-    z_fit = (sample_rows(train, max_rows, rng) - mean) * scale
-    z_cal = (sample_rows(val, max_rows, rng) - mean) * scale
+    z_fit = sample_rows(train, max_rows, rng)
+    z_cal = sample_rows(val, max_rows, rng)
     return DomainModel.fit(z_fit, z_cal, seed=seed)
 
 
@@ -710,12 +752,14 @@ def train_head(prep: Prepared, head_name: str, head_config: dict[str, Any], opts
     hp = opts.resolve(getattr(head, "training_defaults", lambda: {})())
     mean, std = feature_stats(prep.train)
     fmean, fscale = feature_norm(mean, std)
+    prep.train.standardize(fmean, fscale)
+    prep.val.standardize(fmean, fscale)
     torch.manual_seed(opts.seed)
     module = head.build(prep.sources[0].dim, len(specs))
     net = StxNet(module, torch.from_numpy(fmean), torch.from_numpy(fscale))
     if getattr(head, "closed_form", False):
         t0 = time.perf_counter()
-        info = head.fit(module, FitData(prep.train, prep.val, fmean, fscale, len(specs)))
+        info = head.fit(module, FitData(prep.train, prep.val, len(specs)))
         res = FitResult(closed_form=info, train_time_s=time.perf_counter() - t0)
         net.to(device)
         n_params = int(sum(p.numel() for p in module.parameters()))
@@ -724,7 +768,7 @@ def train_head(prep: Prepared, head_name: str, head_config: dict[str, Any], opts
         res = fit_gradient(net, [{"params": [p for p in net.parameters() if p.requires_grad]}],
                            prep.train, prep.val, hp, opts, device, title)
     val = label_report(specs, predict_rows(net, prep.val, device))
-    domain = fit_domain(prep.train, prep.val, fmean, fscale, opts.seed)
+    domain = fit_domain(prep.train, prep.val, opts.seed)
     return {"net": net.cpu(), "head": head, "specs": specs, "fmean": fmean, "fscale": fscale, "fit": res,
             "hp": hp, "validation": val, "domain": domain, "trainable_params": n_params}
 
@@ -889,6 +933,8 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
     from .modelfile import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_model_dir
 
     assert prep.train is not None and prep.val is not None
+    prep.train.standardize(base_net.feature_mean.numpy(), base_net.feature_scale.numpy())
+    prep.val.standardize(base_net.feature_mean.numpy(), base_net.feature_scale.numpy())
     zero_shot = label_report(specs, predict_rows(base_net, prep.val, device))
     base_net.cpu()
     candidates = list(getattr(sel, "candidates", []) or [])
@@ -908,9 +954,7 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
         runs = {sel.name: _train_adapter(sel, base_net, prep, opts, device)}
         scores, choice, used = None, None, [sel.name]
         folders = {sel.name: ""}
-    fmean = base_net.feature_mean.numpy()
-    fscale = base_net.feature_scale.numpy()
-    domain = fit_domain(prep.train, prep.val, fmean, fscale, opts.seed)
+    domain = fit_domain(prep.train, prep.val, opts.seed)
 
     tensors: dict[str, dict[str, Any]] = {"domain.safetensors": domain.tensors()}
     json_files: dict[str, Any] = {}
@@ -962,7 +1006,8 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
             "trainable_params_per_adapter": trainable,
             "options": _options_record(opts, runs[used[0]]["hp"]),
             "device": device, "threads": torch.get_num_threads(),
-            "runs": {c: {"epochs_run": r["fit"].epochs_run, "best_epoch": r["fit"].best_epoch,
+            "runs": {c: {"options": _options_record(opts, r["hp"]),
+                         "epochs_run": r["fit"].epochs_run, "best_epoch": r["fit"].best_epoch,
                          "stopped_early": r["fit"].stopped_early, "train_time_s": round(r["fit"].train_time_s, 3),
                          "history": r["fit"].history} for c, r in runs.items()},
             "epochs_run": sum(r["fit"].epochs_run for r in runs.values()),

@@ -153,3 +153,30 @@ def test_finetune_guards(domains, tmp_path):
     with pytest.raises(StxError, match="label\\(s\\) logg of model .* are missing"):
         finetune(d / "base", tmp_path / "nologg.h5", tmp_path / "o", adapter="lora")
     assert not (tmp_path / "o").exists()
+
+
+def test_documented_plugin_examples_work(domains, tmp_path, monkeypatch):
+    """The head and adapter examples of docs/models.md, registered as plugins, train and predict."""
+    import re
+    import types
+    from pathlib import Path
+
+    import stxcli.registry as R
+    from stxcli.plugins import PluginInfo, load_plugins
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 2
+    mods = []
+    for i, code in enumerate(blocks):
+        mod = types.ModuleType(f"doc_example_{i}")
+        exec(compile(code, f"docs/models.md example {i}", "exec"), mod.__dict__)
+        mods.append((PluginInfo(f"doc-{i}", mod.__name__, "docs", "0"), mod))
+    reg = R.Registry(load_plugins(extra=mods))
+    monkeypatch.setattr(R, "get_registry", lambda: reg)
+    d = domains
+    pretrain([d / "src.h5"], tmp_path / "lin", head="linear", opts=TrainOptions(epochs=5))
+    s = finetune(tmp_path / "lin", d / "tgt.h5", tmp_path / "bit", adapter="bitfit", opts=TrainOptions(epochs=5))
+    assert s["trainable_params"] == 3  # the three biases of the linear layer
+    _, p = _mae(tmp_path / "bit", d)
+    assert np.isfinite(p["value"]).all()
