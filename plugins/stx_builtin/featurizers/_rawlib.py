@@ -1,7 +1,7 @@
 """Numerical core of the raw-spectrum featurizer, vectorised over a batch of spectra.
 
-Every function works on ``(n, npix)`` arrays for a whole batch; the only per-spectrum Python loop
-is the rare general-grid path (a grid that is neither linear nor log-linear). Pure numpy at import
+Arrays are pixel-major, ``(npix, n)`` for a batch of ``n`` spectra, so that sparse products and
+gathers run along contiguous spectra; there is no per-spectrum Python loop. Pure numpy at import
 time; scipy is imported inside the functions that need it.
 
 Conventions: ``good`` is a boolean "pixel carries information" array; flux and variance are 0 where
@@ -82,11 +82,9 @@ def edge_positions(grid: InputGrid, out_edges: np.ndarray, zfac: np.ndarray) -> 
         p = (out_edges[:, None] * zfac[None, :] - grid.x0) / grid.step + 0.5
     elif grid.kind == "log":
         p = (np.log10(out_edges)[:, None] + np.log10(zfac)[None, :] - grid.x0) / grid.step + 0.5
-    else:
+    else:  # any increasing grid: pixel edges interpolated, all spectra in one call
         idx = np.arange(grid.npix + 1, dtype=np.float64)
-        p = np.empty((out_edges.size, zfac.size))
-        for r, zf in enumerate(zfac):  # general grids only (rare): one interp per spectrum
-            p[:, r] = np.interp(out_edges * zf, grid.edges, idx)
+        p = np.interp(out_edges[:, None] * zfac[None, :], grid.edges, idx)
     np.clip(p, 0.0, grid.npix, out=p)
     return p
 
