@@ -1,0 +1,243 @@
+"""The ``transformer`` featurizer: spectra -> embeddings of a self-supervised spectral encoder.
+
+It wraps the ``raw`` featurizer: ``transform(batch) = encoder(raw.transform(batch))``, one
+``width``-long vector per spectrum. The encoder is a directory made by ``stx encoder train`` (see
+docs/encoder.md); its manifest holds the raw featurizer's full configuration, so the raw features
+are exactly those the encoder was trained on.
+
+Config (everything :meth:`TransformerFeaturizer.config` returns rebuilds the same featurizer)::
+
+    encoder         path of the encoder directory (required)
+    encoder_sha256  sha256 of its weights; a directory whose weights differ is refused
+    pooling         "mean" (default) or "attention" (learned query, trained during pretraining)
+    device          "cpu" (default) or "cuda"
+    raw             the raw featurizer's config (default: the one in the encoder manifest);
+                    single keys can be overridden with ``raw.KEY=value`` (e.g. ``--set raw.rv=estimate``)
+                    as long as the grid stays the encoder's
+
+``batch_size`` (spectra per forward pass; default 64 on CPU, 512 on CUDA) is a runtime knob and
+not part of the config. Feature ivar: 1 for every spectrum with data (the embedding's noise is not
+propagated: do not use it as a measured uncertainty), 0 where the spectrum has no valid pixel.
+
+Also registers the ``stx encoder`` command group (train, info).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from stxcli import console
+from stxcli.errors import StxError, UsageError
+from stxcli.hookspecs import hookimpl
+from stxcli.protocols import FeatureBatch
+
+
+class TransformerFeaturizer:
+    name = "transformer"
+    version = "1"
+    description = "Embeddings of a self-supervised spectral transformer (stx encoder train) over raw features."
+
+    def __init__(self, encoder: str | None = None, encoder_sha256: str | None = None, pooling: str = "mean",
+                 device: str = "cpu", raw: dict[str, Any] | None = None, batch_size: int | None = None,
+                 **raw_overrides: Any) -> None:
+        from stxcli.pipeline import build_featurizer
+
+        from ..encoder.config import POOLINGS
+        from ..encoder.io import load_encoder
+        from ..encoder.train import resolve_device
+
+        if encoder is None:
+            raise UsageError("featurizer 'transformer' needs an encoder: --set encoder=DIR "
+                             "(a directory made by `stx encoder train`)")
+        bad = [k for k in raw_overrides if not k.startswith("raw.")]
+        if bad:
+            raise UsageError(f"featurizer 'transformer': unknown setting(s) {', '.join(sorted(bad))} "
+                             "(known: encoder, encoder_sha256, pooling, device, raw, raw.KEY, batch_size)")
+        if pooling not in POOLINGS:
+            raise UsageError(f"featurizer 'transformer': pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.device = str(device)
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"featurizer 'transformer': device must be cpu or cuda, got {device!r}")
+        torch_device = resolve_device(self.device)
+        self.path = Path(encoder).expanduser().resolve()
+        self.encoder, self.manifest = load_encoder(self.path, encoder_sha256, device=self.device)
+        self.encoder_sha256 = str(self.manifest["weights"]["sha256"])
+        if pooling == "attention" and not self.manifest.get("pooling", {}).get("attention", False):
+            raise UsageError(f"{self.path}: this encoder was trained without the attention-pooling objective "
+                             "(--aux-weight 0); use pooling=mean or retrain")
+        self.pooling = pooling
+        self.batch_size = int(batch_size) if batch_size else (512 if torch_device.type == "cuda" else 64)
+        if self.batch_size < 1:
+            raise UsageError("featurizer 'transformer': batch_size must be >= 1")
+
+        rawinfo = self.manifest["raw_featurizer"]
+        raw_cfg = dict(rawinfo.get("config", {}))
+        raw_cfg.update(raw or {})
+        raw_cfg.update({k[len("raw."):]: v for k, v in raw_overrides.items()})
+        self.raw = build_featurizer(str(rawinfo.get("name", "raw")), raw_cfg)
+        n_pix = int(self.encoder.config.n_pix)
+        if self.raw.dim != n_pix:
+            raise UsageError(f"{self.path}: the encoder expects {n_pix} raw features, the raw featurizer "
+                             f"configured here gives {self.raw.dim}: keep the grid of the encoder's manifest")
+        grid = self.manifest.get("grid", {})
+        axis = self.raw.axis()
+        if axis is not None and grid.get("first") is not None:
+            if not np.allclose([axis[0], axis[-1]], [grid["first"], grid["last"]], rtol=1e-9, atol=0):
+                raise UsageError(f"{self.path}: the raw grid ({axis[0]:.3f}-{axis[-1]:.3f}) differs from the "
+                                 f"encoder's ({grid['first']:.3f}-{grid['last']:.3f})")
+        if str(getattr(self.raw, "version", "")) != str(rawinfo.get("version", "")):
+            console.warn(f"{self.path}: encoder trained on raw featurizer version {rawinfo.get('version')}, "
+                         f"installed is {self.raw.version}; embeddings may differ from training")
+
+    # -- protocol
+    @property
+    def needs_resolution(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.raw, "needs_resolution", False))
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.config.width)
+
+    def axis(self) -> np.ndarray | None:
+        return None
+
+    def config(self) -> dict[str, Any]:
+        return {"encoder": str(self.path), "encoder_sha256": self.encoder_sha256, "pooling": self.pooling,
+                "device": self.device, "raw": self.raw.config()}
+
+    def transform(self, batch: Any) -> FeatureBatch:
+        fb = self.raw.transform(batch)
+        emb, ivar = self.embed(fb.features, fb.ivar)
+        return FeatureBatch(features=emb, ivar=ivar, quality=fb.quality, meta=fb.meta, notes=list(fb.notes))
+
+    # -- the encoder on raw features
+    def embed(self, features: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings ``(n, width)`` float32 of raw features, and their ivar (1, or 0 where a
+        spectrum has no valid pixel)."""
+        import torch
+
+        features = np.asarray(features, np.float32)
+        ivar = np.asarray(ivar, np.float32)
+        n = features.shape[0]
+        out = np.zeros((n, self.dim), np.float32)
+        has = ((ivar > 0) & np.isfinite(features)).any(axis=1)
+        with torch.inference_mode():
+            for s in range(0, n, self.batch_size):
+                e = min(s + self.batch_size, n)
+                xf = torch.from_numpy(features[s:e]).to(self.device)
+                xi = torch.from_numpy(ivar[s:e]).to(self.device)
+                out[s:e] = self.encoder(xf, xi, self.pooling).float().cpu().numpy()
+        finite = np.isfinite(out).all(axis=1)
+        if not finite[has].all():
+            raise StxError(f"{self.path}: the encoder produced non-finite embeddings for "
+                           f"{int((~finite & has).sum())} spectra (a diverged encoder?)")
+        out[~has] = 0.0
+        return out, has.astype(np.float32)[:, None].repeat(self.dim, axis=1)
+
+
+@hookimpl
+def register_featurizers(register: Any) -> None:
+    register(TransformerFeaturizer)
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+@hookimpl
+def register_commands(app: Any) -> None:
+    import typer
+
+    from ..encoder.config import EncoderConfig
+    from ..encoder.train import TrainOptions
+
+    A = EncoderConfig.__dataclass_fields__
+    T = TrainOptions.__dataclass_fields__
+    enc = typer.Typer(help="Train and inspect self-supervised spectral encoders (the transformer featurizer).",
+                      no_args_is_help=True)
+    app.add_typer(enc, name="encoder")
+
+    @enc.command("train")
+    def train(
+        store: Path = typer.Argument(..., help="Feature store made by the raw featurizer (stx featurize)."),
+        output: Path = typer.Option(..., "-o", "--output", help="Encoder directory to write."),
+        width: int = typer.Option(A["width"].default, help="Token width."),
+        depth: int = typer.Option(A["depth"].default, help="Transformer blocks."),
+        heads: int = typer.Option(A["heads"].default, help="Attention heads."),
+        patch: int = typer.Option(A["patch"].default, help="Pixels per patch token."),
+        stride: int = typer.Option(A["stride"].default, help="Pixels between patch starts."),
+        mlp_ratio: float = typer.Option(A["mlp_ratio"].default, help="MLP hidden width / width."),
+        dropout: float = typer.Option(A["dropout"].default, help="Dropout in the blocks."),
+        mask_frac: float = typer.Option(T["mask_frac"].default, help="Fraction of patch tokens masked."),
+        mask_chunk: int = typer.Option(T["mask_chunk"].default, help="Tokens per contiguous masked chunk."),
+        epochs: int = typer.Option(T["epochs"].default, help="Maximum epochs."),
+        batch_size: int = typer.Option(T["batch_size"].default, help="Spectra per step."),
+        lr: float = typer.Option(T["lr"].default, help="Peak learning rate (AdamW)."),
+        weight_decay: float = typer.Option(T["weight_decay"].default, help="AdamW weight decay."),
+        warmup_frac: float = typer.Option(T["warmup_frac"].default, help="Fraction of steps of linear warm-up."),
+        patience: int = typer.Option(T["patience"].default, help="Stop after this many epochs without a better validation loss."),
+        val_frac: float = typer.Option(T["val_frac"].default, help="Fraction of rows (in blocks) for validation."),
+        aux_weight: float = typer.Option(T["aux_weight"].default, help="Weight of the attention-pooling objective (0: no attention pooling)."),
+        max_rows: Optional[int] = typer.Option(None, help="Use only the first N rows of the store."),
+        seed: int = typer.Option(T["seed"].default, help="Random seed (CPU runs are deterministic)."),
+        device: str = typer.Option(T["device"].default, help="cpu or cuda."),
+        amp: bool = typer.Option(False, "--amp", help="Mixed precision (CUDA only; bf16 where supported)."),
+        threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    ) -> None:
+        """Pretrain a masked-patch spectral transformer on a raw feature store.
+
+        Example: stx encoder train lamost.h5 -o enc/ && stx featurize files/ -o emb.h5 --featurizer transformer --set encoder=enc
+        """
+        from ..encoder.train import run_train
+
+        console.set_quiet(quiet or json_out)
+        arch = {"width": width, "depth": depth, "heads": heads, "patch": patch, "stride": stride,
+                "mlp_ratio": mlp_ratio, "dropout": dropout}
+        opts = TrainOptions(mask_frac=mask_frac, mask_chunk=mask_chunk, epochs=epochs, batch_size=batch_size,
+                            lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac, patience=patience,
+                            val_frac=val_frac, aux_weight=aux_weight, max_rows=max_rows, seed=seed,
+                            device=device, amp=amp, threads=threads)
+        summary = run_train(store, output, arch, opts)
+        _show("encoder train", summary, json_out)
+
+    @enc.command("info")
+    def info(path: Path = typer.Argument(..., help="Encoder directory."),
+             json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+        """Show an encoder's architecture, raw grid and training summary; verify its weights' sha256."""
+        from ..encoder.io import read_manifest, verify_weights
+
+        m = read_manifest(path)
+        _, sha = verify_weights(path, m)
+        tr = m.get("training", {})
+        summary = {
+            "path": str(path), "encoder_sha256": sha, "verified": True,
+            "n_params": m["weights"].get("n_params"), "architecture": m["architecture"],
+            "raw_featurizer": {k: m["raw_featurizer"].get(k) for k in ("name", "version", "key")},
+            "grid": m.get("grid"), "pooling": {k: v for k, v in m.get("pooling", {}).items() if isinstance(v, bool)},
+            "n_train": tr.get("n_train"), "n_val": tr.get("n_val"), "best_epoch": tr.get("best_epoch"),
+            "epochs_run": tr.get("epochs_run"), "best_val_mse": tr.get("best_val_mse"),
+            "val_mse_predicting_mean": tr.get("val_mse_predicting_mean"),
+            "store_checksum": tr.get("store_checksum"), "stx_version": m.get("stx_version"),
+            "created": m.get("created"),
+        }
+        _show("encoder", summary, json_out)
+
+
+def _show(title: str, summary: dict[str, Any], json_out: bool) -> None:
+    import json
+
+    if json_out:
+        console.print_json(summary)
+        return
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    t.add_column("key")
+    t.add_column("value")
+    for k, v in summary.items():
+        t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.out().print(t)
