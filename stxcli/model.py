@@ -160,8 +160,9 @@ class DomainModel:
 
     Two scores per spectrum: ``d2``, the mean squared Mahalanobis distance over the ``k``
     principal components, and ``resid``, the mean squared residual off the PCA subspace.
-    A spectrum is out of the domain when either exceeds its threshold, the ``quantile`` of the
-    scores of held-out training spectra.
+    A spectrum is out of the domain when either exceeds its threshold: the ``quantile`` of the
+    scores of the fitted and of held-out training spectra, whichever is larger (1.5 x the maximum
+    score when there are too few spectra to estimate that quantile).
     """
 
     center: np.ndarray  # (D,)
@@ -181,7 +182,7 @@ class DomainModel:
         on rows of high dimension describes those rows better than new ones)."""
         z_fit = np.asarray(z_fit, dtype=np.float32)
         n, d = z_fit.shape
-        k = max(1, min(n_components, n - 1, d))
+        k = max(1, min(n_components, n // 10, d))  # a PCA of few rows describes only them
         center = z_fit.mean(0)
         zc = torch.from_numpy(z_fit - center)
         g = torch.Generator().manual_seed(seed)
@@ -194,11 +195,11 @@ class DomainModel:
         dm = cls(center=center, components=comps.astype(np.float32), eigvals=eig.astype(np.float32),
                  d2_max=np.inf, resid_max=np.inf, quantile=quantile, n_fit=n)
         d2, resid = dm.scores_np(z_fit)
-        dm.d2_max, dm.resid_max = float(np.quantile(d2, quantile)), float(np.quantile(resid, quantile))
+        dm.d2_max, dm.resid_max = _threshold(d2, quantile), _threshold(resid, quantile)
         if len(z_cal):
             d2, resid = dm.scores_np(z_cal)
-            dm.d2_max = max(dm.d2_max, float(np.quantile(d2, quantile)))
-            dm.resid_max = max(dm.resid_max, float(np.quantile(resid, quantile)))
+            dm.d2_max = max(dm.d2_max, _threshold(d2, quantile))
+            dm.resid_max = max(dm.resid_max, _threshold(resid, quantile))
         return dm
 
     def _on(self, device: Any) -> dict[str, Any]:
@@ -245,6 +246,14 @@ class DomainModel:
                    eigvals=t[f"{prefix}eigvals"], d2_max=float(info["d2_max"]),
                    resid_max=float(info["resid_max"]), quantile=float(info["quantile"]),
                    n_fit=int(info["n_fit"]))
+
+
+def _threshold(scores: np.ndarray, quantile: float) -> float:
+    """The ``quantile`` of the scores when there are enough of them to estimate it
+    (n (1 - q) >= 1), else 1.5 x their maximum (small training sets)."""
+    if len(scores) * (1.0 - quantile) >= 1.0:
+        return float(np.quantile(scores, quantile))
+    return 1.5 * float(np.max(scores))
 
 
 # ------------------------------------------------------------------------ plugins and rebuilding

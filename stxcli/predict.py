@@ -104,8 +104,11 @@ def model_featurizer(model: Any) -> Any:
     feat = build_featurizer(f["name"], f["config"])
     key = featurizer_key(feat.name, feat.version, feat.config())
     if key != f["key"]:
+        now = feat.config()
+        diff = sorted(k for k in set(now) | set(f["config"]) if now.get(k) != f["config"].get(k))
+        what = f"config differs in: {', '.join(diff)}" if diff else f"version {f['version']} -> {feat.version}"
         raise ModelFileError(f"{model.mdir.path}: installed featurizer {feat.name} {feat.version} does not "
-                             f"reproduce the model's ({f['name']} {f['version']}): features would differ")
+                             f"reproduce the model's ({what}): features would differ")
     return feat
 
 

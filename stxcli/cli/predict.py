@@ -25,6 +25,9 @@ def register(app: typer.Typer) -> None:
         row_column: Optional[str] = typer.Option(None, "--row-column", help="Input catalog: row of the spectrum in its file (default: row, source_row)."),
         targetid_column: Optional[str] = typer.Option(None, "--targetid-column", help="Input catalog: TARGETID column matched against DESI files."),
         prefix: str = typer.Option("", "--prefix", help="Input catalog: prefix of the appended prediction columns."),
+        dask: Optional[str] = typer.Option(None, "--dask", help="Featurize and predict survey files on a Dask cluster: a scheduler address (tcp://host:8786) or local[:N]. Needs the extra stx[dask]; the parts folder beside the output must be visible to every worker."),
+        dask_partition: Optional[int] = typer.Option(None, "--dask-partition", help="Files per Dask partition."),
+        dask_retries: int = typer.Option(2, "--dask-retries", help="Times a failed Dask partition is resubmitted."),
         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
@@ -34,6 +37,8 @@ def register(app: typer.Typer) -> None:
         with the model's featurizer; a feature store must have been made with the same
         featurizer config. With an input catalog the output is that catalog, row for row, with
         the prediction columns appended. Zero-shot prediction is simply a pretrained model here.
+        With --dask the survey files are split into partitions predicted on a Dask cluster; the
+        catalog equals the single-process one.
 
         Example: stx predict base/ ../shared/data/desi-edr/coadd-sv3-dark-26065.fits -o pred.fits
         """
@@ -47,9 +52,17 @@ def register(app: typer.Typer) -> None:
             model_dir, inputs = Path(items[0]), items[1:]
         else:
             model_dir, inputs = model, items
-        summary = run_predict(model_dir, inputs, output, format=format, chunk_rows=chunk_size, device=device,
-                              threads=threads, path_column=path_column, row_column=row_column,
-                              targetid_column=targetid_column, prefix=prefix)
+        if dask is not None:
+            if path_column or row_column or targetid_column or prefix:
+                raise UsageError("--dask predicts survey files; input-catalog options do not apply")
+            from ..distributed import predict_on_dask
+
+            summary = predict_on_dask(dask, model_dir, inputs, output, format=format, chunk_rows=chunk_size,
+                                      device=device, partition_files=dask_partition, retries=dask_retries)
+        else:
+            summary = run_predict(model_dir, inputs, output, format=format, chunk_rows=chunk_size,
+                                  device=device, threads=threads, path_column=path_column,
+                                  row_column=row_column, targetid_column=targetid_column, prefix=prefix)
         if json_out:
             console.print_json(summary)
         else:
