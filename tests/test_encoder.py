@@ -342,6 +342,7 @@ def test_stx_encoder_train_then_featurize_end_to_end(shared, tmp_path, capsys):
     lst.write_text("\n".join(str(p) for p in files) + "\n")
     raw_h5, emb_h5, enc_dir = tmp_path / "raw.h5", tmp_path / "emb.h5", tmp_path / "enc"
     code, out, err = run_cli(["featurize", lst, "-o", raw_h5, "--set", "wmin=5000", "--set", "wmax=5500",
+                              "--labels", shared / "lamost-dr10" / "labels.csv", "--id-column", "obsid",
                               "--json"], capsys)
     assert code == 0, err
     code, out, err = run_cli(["encoder", "train", raw_h5, "-o", enc_dir, "--width", "16", "--depth", "1",
@@ -365,6 +366,18 @@ def test_stx_encoder_train_then_featurize_end_to_end(shared, tmp_path, capsys):
         want = enc(torch.from_numpy(r["features"]), torch.from_numpy(r["ivar"])).numpy()
     np.testing.assert_allclose(emb["features"], want, rtol=0, atol=1e-5)
     assert (emb["ivar"] == 1).all()
+    # `stx encoder embed` on the raw store makes the same store without re-reading the files
+    code, out, err = run_cli(["encoder", "embed", raw_h5, "--encoder", enc_dir, "-o", tmp_path / "emb2.h5",
+                              "--json"], capsys)
+    assert code == 0, err
+    with FeatureStore.open(tmp_path / "emb2.h5") as e2, FeatureStore.open(emb_h5) as e1, \
+            FeatureStore.open(raw_h5) as raw:
+        assert e2.featurizer_key == e1.featurizer_key and list(e2.ids) == list(e1.ids)
+        np.testing.assert_allclose(e2.read()["features"], emb["features"], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(e2.labels(["teff", "feh"]), raw.labels(["teff", "feh"]))
+        assert np.isfinite(e2.labels(["teff"])).sum() == 24
+        np.testing.assert_array_equal(e2.quality["snr"], raw.quality["snr"])
+        assert e2.inputs == raw.inputs
     # a tampered encoder: one-line error, exit 1, no output
     w = enc_dir / WEIGHTS
     w.write_bytes(w.read_bytes()[:-100])
@@ -385,3 +398,30 @@ def test_attention_pooling_needs_its_objective(syn_store, tmp_path):
     iv[2] = 0
     e, eiv = feat.embed(f, iv)
     assert e.shape == (5, TINY["width"]) and (eiv[2] == 0).all() and (e[2] == 0).all() and (eiv[[0, 1, 3, 4]] == 1).all()
+
+
+def test_embed_store_needs_a_raw_store_the_installed_raw_reproduces(trained, syn_store, tmp_path):
+    import h5py
+
+    from stx_builtin.featurizers.transformer import embed_store
+
+    out, _ = trained
+    f, iv, _ = synth(20)
+    other = tmp_path / "other.h5"
+    write_store_arrays(other, f, iv, [str(i) for i in range(20)], featurizer_name="ridge-features")
+    with pytest.raises(StxError, match="made by the 'raw' featurizer"):
+        embed_store(other, tmp_path / "x.h5", encoder=out)
+    summary = embed_store(syn_store, tmp_path / "ok.h5", encoder=out)
+    assert summary["n_spectra"] == 400
+    with FeatureStore.open(tmp_path / "ok.h5") as st:
+        assert st.label_names == ["feh"] and st.dim == TINY["width"]
+    # a store whose recorded raw config the installed raw featurizer would not reproduce
+    import shutil
+
+    forged = tmp_path / "forged.h5"
+    shutil.copy(syn_store, forged)
+    with h5py.File(forged, "a") as h:
+        h.attrs["featurizer_key"] = "0" * 64
+    with pytest.raises(StxError, match="does not reproduce"):
+        embed_store(forged, tmp_path / "y.h5", encoder=out)
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "y.h5").exists()

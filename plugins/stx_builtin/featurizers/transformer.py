@@ -19,7 +19,7 @@ Config (everything :meth:`TransformerFeaturizer.config` returns rebuilds the sam
 not part of the config. Feature ivar: 1 for every spectrum with data (the embedding's noise is not
 propagated: do not use it as a measured uncertainty), 0 where the spectrum has no valid pixel.
 
-Also registers the ``stx encoder`` command group (train, info).
+Also registers the ``stx encoder`` command group (train, embed, info).
 """
 
 from __future__ import annotations
@@ -143,6 +143,61 @@ def register_featurizers(register: Any) -> None:
     register(TransformerFeaturizer)
 
 
+def embed_store(raw_store: str | Path, output: str | Path, *, encoder: str | Path, pooling: str = "mean",
+                device: str = "cpu", batch_size: int | None = None, chunk_rows: int = 4096) -> dict[str, Any]:
+    """Embed a ``raw`` feature store into a ``transformer`` store without re-reading the spectra.
+
+    The result is the store ``stx featurize --featurizer transformer --set encoder=...`` would make
+    from the same files with the raw store's raw config: same featurizer name, version and config
+    (hence the same featurizer key), ids, meta, quality, labels and inputs; written atomically."""
+    import json
+
+    from stxcli.io import atomic_file
+    from stxcli.pipeline import build_featurizer
+    from stxcli.store import FeatureStore, StoreWriter, featurizer_key
+
+    with FeatureStore.open(raw_store) as st:
+        if st.featurizer_name != "raw":
+            raise StxError(f"{st.path}: encoder embed needs a store made by the 'raw' featurizer, "
+                           f"this one was made by {st.featurizer_name!r}")
+        cfg: dict[str, Any] = {"encoder": str(encoder), "pooling": pooling, "device": device,
+                               "raw": st.featurizer_config}
+        if batch_size:
+            cfg["batch_size"] = batch_size
+        feat = build_featurizer("transformer", cfg)
+        raw = feat.raw
+        if featurizer_key(raw.name, raw.version, raw.config()) != st.featurizer_key:
+            raise StxError(f"{st.path}: its raw features were made by raw {st.featurizer_version} with a config "
+                           f"that the installed raw featurizer ({raw.version}) does not reproduce; "
+                           "re-featurize the spectra with `stx featurize --featurizer transformer`")
+        with atomic_file(output) as tmp:
+            w = StoreWriter(tmp, featurizer_name=feat.name, featurizer_version=feat.version,
+                            featurizer_config=feat.config(), dim=feat.dim, axis=None)
+            try:
+                for s in range(0, st.n, chunk_rows):
+                    d = st.read(s, min(s + chunk_rows, st.n), fields=("features", "ivar", "ids", "meta", "quality"))
+                    emb, eiv = feat.embed(d["features"], d["ivar"])
+                    n0 = w.n
+                    for name, arr in (("features", emb), ("ivar", eiv)):
+                        w.f[name].resize(n0 + len(emb), axis=0)
+                        w.f[name][n0:] = arr
+                    w._append("ids", d["ids"])
+                    for group in ("meta", "quality"):
+                        for key, arr in d[group].items():
+                            w._append(f"{group}/{key}", arr)
+                w.set_inputs(st.inputs)
+                if st.label_names:
+                    w.set_labels({k: st.f["labels"][k][:] for k in st.label_names},
+                                 json.loads(st.f.attrs.get("label_source", "{}")))
+                checksum = w.finish()
+            finally:
+                w.close()
+        n = st.n
+    return {"output": str(output), "n_spectra": n, "dim": feat.dim, "featurizer": feat.name,
+            "encoder_sha256": feat.encoder_sha256, "pooling": pooling, "source_store": str(raw_store),
+            "checksum": checksum}
+
+
 # ------------------------------------------------------------------------------------ commands
 
 
@@ -203,6 +258,25 @@ def register_commands(app: Any) -> None:
                             device=device, amp=amp, threads=threads)
         summary = run_train(store, output, arch, opts)
         _show("encoder train", summary, json_out)
+
+    @enc.command("embed")
+    def embed(store: Path = typer.Argument(..., help="Feature store made by the raw featurizer."),
+              encoder: Path = typer.Option(..., "--encoder", "-e", help="Encoder directory."),
+              output: Path = typer.Option(..., "-o", "--output", help="Embedding store to write."),
+              pooling: str = typer.Option("mean", help="mean or attention."),
+              device: str = typer.Option("cpu", help="cpu or cuda."),
+              batch_size: Optional[int] = typer.Option(None, help="Spectra per forward pass."),
+              json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output.")) -> None:
+        """Embed a raw feature store (no re-reading of spectra): the same store `stx featurize
+        --featurizer transformer --set encoder=DIR` makes from the files, labels included.
+
+        Example: stx encoder embed lamost_raw.h5 --encoder enc/ -o lamost_emb.h5
+        """
+        console.set_quiet(quiet or json_out)
+        summary = embed_store(store, output, encoder=encoder, pooling=pooling, device=device,
+                              batch_size=batch_size)
+        _show("encoder embed", summary, json_out)
 
     @enc.command("info")
     def info(path: Path = typer.Argument(..., help="Encoder directory."),
