@@ -120,12 +120,6 @@ _worker_state: dict[str, Any] = {}
 
 def _init_worker(name: str, config: dict[str, Any], format: str | None, chunk_size: int,
                  rv_lookup: RvLookup | None) -> None:
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # torch is a dependency, but featurizing does not need it
-        pass
     _worker_state.update(featurizer=build_featurizer(name, config), format=format,
                          chunk_size=chunk_size, rv_lookup=rv_lookup)
 
@@ -149,10 +143,25 @@ def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: di
         return
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker,
-                  initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup)) as pool:
+    # Fresh interpreters with single-threaded BLAS: N workers on N cores must not each start a
+    # BLAS thread pool per core (a fork would inherit this process's already-started pool).
+    ctx = mp.get_context("spawn")
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update({k: "1" for k in _THREAD_VARS})
+    try:
+        pool = ctx.Pool(workers, initializer=_init_worker,
+                        initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with pool:
         yield from pool.imap(_run_file, list(paths), chunksize=1)
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def iter_feature_batches(paths: Sequence[Path], featurizer: Featurizer, *, format: str | None = None,

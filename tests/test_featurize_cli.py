@@ -163,3 +163,16 @@ def test_data_error_leaves_nothing(tmp_path, shared):
     with pytest.raises(FormatError):
         run_featurize([str(good[0]), str(bad), str(good[1])], tmp_path / "o.h5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fits"]
+
+
+def test_worker_processes_give_identical_store(tmp_path, shared):
+    from stxcli import console
+
+    console.set_quiet(True)
+    files = [str(p) for p in sorted((shared / "lamost-dr10" / "spectra").glob("*.fits.gz"))[:4]]
+    files.append(str(shared / "desi-edr" / "coadd-sv3-dark-26065.fits"))
+    run_featurize(files, tmp_path / "one.h5")
+    run_featurize(files, tmp_path / "two.h5", workers=2)
+    with FeatureStore.open(tmp_path / "one.h5") as a, FeatureStore.open(tmp_path / "two.h5") as b:
+        assert a.checksum == b.checksum
+        assert list(a.meta["source_file"]) == list(b.meta["source_file"])
