@@ -11,8 +11,8 @@ spectrum's ivar (0 on masked pixels)::
     F = D^T diag(ivar) D,   CRB(label) = sqrt((F^-1)[label, label])
 
 (the bound for an unbiased estimator that also fits the nuisance terms). The radial velocity is
-taken as known. Columns are scaled to unit diagonal before inversion; a star whose Fisher matrix is
-singular (no usable pixel) gets NaN.
+taken as known. Columns are scaled to unit diagonal before inversion; nuisance terms of an arm without usable
+pixels are left out, and a label without information gets NaN.
 """
 
 from __future__ import annotations
@@ -65,17 +65,18 @@ def cramer_rao(jac: list[np.ndarray], ivar: list[np.ndarray], nominal: list[np.n
         fisher[np.ix_(np.arange(n), idx, idx)] += block
         col += nb
     out = np.full((n, n_lab), np.nan)
-    diag = np.sqrt(np.clip(np.einsum("nii->ni", fisher), 0.0, None))
-    ok = np.all(diag > 0, axis=1)
-    if ok.any():
-        s = 1.0 / diag[ok]
-        fs = fisher[ok] * s[:, :, None] * s[:, None, :]
-        try:
-            inv = np.linalg.inv(fs)
-        except np.linalg.LinAlgError:
-            inv = np.linalg.pinv(fs)
-        var = np.einsum("nii->ni", inv)[:, :n_lab] * s[:, :n_lab] ** 2
-        good = var > 0
-        res = np.where(good, np.sqrt(np.where(good, var, 1.0)), np.nan)
-        out[ok] = res
+    diag = np.einsum("nii->ni", fisher).copy()
+    # parameters without information (an arm with no usable pixel) decouple: unit diagonal
+    empty = ~(diag > 0)
+    idx = np.arange(p)
+    fisher[:, idx, idx] = np.where(empty, 1.0, diag)
+    scale = 1.0 / np.sqrt(np.einsum("nii->ni", fisher))
+    fs = fisher * scale[:, :, None] * scale[:, None, :]
+    try:
+        inv = np.linalg.inv(fs)
+    except np.linalg.LinAlgError:
+        inv = np.linalg.pinv(fs)
+    var = np.einsum("nii->ni", inv)[:, :n_lab] * scale[:, :n_lab] ** 2
+    good = (var > 0) & ~empty[:, :n_lab] & np.isfinite(var)
+    out[good] = np.sqrt(var[good])
     return out

@@ -23,6 +23,7 @@ import numpy as np
 from stxcli.errors import StxError, UsageError
 
 from . import catalogs, crb, observe, populations, rng, synth, writers
+from . import library as library_mod
 
 VERSION = "1.0.0"
 LAMOST_OBSID_BASE = 900_000_000
@@ -96,8 +97,10 @@ def synth_rows(teff: np.ndarray, logg: np.ndarray, feh: np.ndarray, alpha_fe: np
 
 
 def observe_rows(model: observe.SurveyModel, hires: np.ndarray, p: observe.ObsParams, with_crb: bool,
-                 seed: int) -> tuple[observe.Observed, dict[str, np.ndarray], np.ndarray]:
-    """Noiseless observation, noise and (with_crb) Cramer-Rao bounds of one sub-batch."""
+                 seed: int, post_noise: Callable[[observe.Observed], None] | None = None,
+                 ) -> tuple[observe.Observed, dict[str, np.ndarray], np.ndarray]:
+    """Noiseless observation, noise and (with_crb) Cramer-Rao bounds of one sub-batch.
+    ``post_noise`` may mask pixels (e.g. outside a library's coverage) before the bounds."""
     group = crb.GROUP if with_crb else 1
     clean = model.noiseless(hires, p, group)
     if with_crb:
@@ -107,6 +110,8 @@ def observe_rows(model: observe.SurveyModel, hires: np.ndarray, p: observe.ObsPa
     else:
         nominal, jac = clean, {}
     obs = model.add_noise(nominal, p, seed)
+    if post_noise is not None:
+        post_noise(obs)
     if with_crb:
         s = obs.scale
         bounds = crb.cramer_rao([jac[a] * s[:, None, None] for a in model.arms], [obs.ivar[a] for a in model.arms],
@@ -128,30 +133,74 @@ def _band_snr(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.nda
 # -------------------------------------------------------------------------------- one unit
 
 
-def run_unit(cfg: SimConfig, unit: int, start: int, stop: int, out_dir: str) -> dict[str, np.ndarray]:
+def run_unit(cfg: SimConfig, unit: int, start: int, stop: int, out_dir: str,
+             lib: "library_mod.Library | None" = None) -> dict[str, np.ndarray]:
     """Simulate stars ``start .. stop - 1`` and write their file(s) into ``out_dir``; return the
-    per-star truth columns."""
-    model = get_model(cfg.survey)
+    per-star truth columns. With ``lib`` (the library rows of this unit) the spectra are the
+    library's, observed through the same model."""
+    model = get_model(cfg.survey) if lib is None else library_mod.library_model(cfg.survey, lib)
     spectra_dir = Path(out_dir) / "spectra"
     parts: list[dict[str, Any]] = []
+    smooth = library_mod.smoothing_matrix(lib) if (lib is not None and cfg.with_crb) else None
     for s0 in range(start, stop, SUB_BATCH):
         s1 = min(s0 + SUB_BATCH, stop)
-        pop = populations.sample(s1 - s0, cfg.seed, mix=cfg.mix, phases=cfg.phases, teff_range=cfg.teff_range, start=s0)
-        p = observe.draw_params(cfg.survey, cfg.seed, pop.index, cfg.snr, pop.rv_kms)
-        hires = synth_rows(pop.teff, pop.logg, pop.feh, pop.alpha_fe, cfg.with_crb)
-        obs, nominal, bounds = observe_rows(model, hires, p, cfg.with_crb, cfg.seed)
-        parts.append({"pop": pop, "p": p, "obs": obs, "crb": bounds})
+        if lib is None:
+            pop = populations.sample(s1 - s0, cfg.seed, mix=cfg.mix, phases=cfg.phases, teff_range=cfg.teff_range,
+                                     start=s0)
+            p = observe.draw_params(cfg.survey, cfg.seed, pop.index, cfg.snr, pop.rv_kms)
+            hires = synth_rows(pop.teff, pop.logg, pop.feh, pop.alpha_fe, cfg.with_crb)
+            obs, nominal, bounds = observe_rows(model, hires, p, cfg.with_crb, cfg.seed)
+            parts.append({"pop": pop, "p": p, "obs": obs, "crb": bounds})
+        else:
+            parts.append(_library_part(cfg, model, lib.subset(slice(s0 - start, s1 - start)), s0, smooth))
     if cfg.survey == "lamost":
-        return _write_lamost(cfg, model, parts, spectra_dir)
-    return _write_desi(cfg, model, parts, spectra_dir, unit)
+        truth = _write_lamost(cfg, model, parts, spectra_dir)
+    else:
+        truth = _write_desi(cfg, model, parts, spectra_dir, unit)
+    if lib is not None:
+        truth["source_id"] = np.concatenate([part["source_id"] for part in parts])
+    return truth
+
+
+def _library_part(cfg: SimConfig, model: observe.SurveyModel, lib: "library_mod.Library", start: int,
+                  smooth: Any) -> dict[str, Any]:
+    idx = np.arange(start, start + lib.n, dtype=np.int64)
+    rv = library_mod.draw_rv(cfg.seed, idx)
+    pop = populations.Population(index=idx, teff=lib.teff, logg=lib.logg, feh=lib.feh, alpha_fe=lib.alpha_fe,
+                                 component=np.full(lib.n, -1, np.int8), phase=np.full(lib.n, -1, np.int8), rv_kms=rv)
+    p = observe.draw_params(cfg.survey, cfg.seed, idx, cfg.snr, rv)
+    hires, cov = library_mod.to_hires(lib)
+    if cfg.with_crb:  # the library spectrum times the model's relative response to each label
+        model_rows = observe.apply_matrix(smooth, synth_rows(lib.teff, lib.logg, lib.feh, lib.alpha_fe, True))
+        g = model_rows.reshape(lib.n, crb.GROUP, -1)
+        stacked = hires[:, None, :] * (g / np.maximum(g[:, :1, :], 1e-30))
+        rows = stacked.reshape(lib.n * crb.GROUP, -1).astype(np.float32)
+    else:
+        rows = hires
+    flat = observe.ObsParams(**{**p.__dict__, "ebv": np.zeros(lib.n), "cal": np.zeros_like(p.cal),
+                                "dichroic": np.zeros(lib.n), "airmass": np.zeros(lib.n), "pwv": np.zeros(lib.n)})
+    covered = {a: v > 0.999 for a, v in model.noiseless(cov, flat, 1).items()}
+
+    def mask_uncovered(obs: observe.Observed) -> None:
+        for a, ok in covered.items():
+            obs.ivar[a][~ok] = 0.0
+            obs.flux[a][~ok] = 0.0
+            obs.mask[a][~ok] = True
+            if obs.bits[a].dtype == np.uint32:
+                obs.bits[a][~ok] |= observe.DESI_MASK["ALLBADPIX"]
+
+    obs, nominal, bounds = observe_rows(model, rows, p, cfg.with_crb, cfg.seed, post_noise=mask_uncovered)
+    return {"pop": pop, "p": p, "obs": obs, "crb": bounds, "source_id": lib.ids}
 
 
 def _truth_common(pop: populations.Population, p: observe.ObsParams, bounds: np.ndarray) -> dict[str, np.ndarray]:
     return {
         "index": pop.index, "teff": pop.teff, "logg": pop.logg, "feh": pop.feh, "alpha_fe": pop.alpha_fe,
         "rv_kms": pop.rv_kms, "teff_crb": bounds[:, 0], "logg_crb": bounds[:, 1], "feh_crb": bounds[:, 2],
-        "alpha_fe_crb": bounds[:, 3], "component": np.array(populations.COMPONENTS)[pop.component],
-        "phase": np.array(populations.PHASES)[pop.phase], "ebv": p.ebv, "lsf_scale": p.lsf_scale,
+        "alpha_fe_crb": bounds[:, 3],
+        "component": np.where(pop.component >= 0, np.array(populations.COMPONENTS + ("",))[pop.component], "library"),
+        "phase": np.where(pop.phase >= 0, np.array(populations.PHASES + ("",))[pop.phase], "library"),
+        "ebv": p.ebv, "lsf_scale": p.lsf_scale,
         "snr_target": p.snr, "ra": p.ra, "dec": p.dec,
     }
 
@@ -242,26 +291,32 @@ def _worker_init() -> None:
 
 
 def run(cfg: SimConfig, out_dir: Path, *, workers: int = 1, progress: Callable[[int], None] | None = None,
-        unit_fn: Callable[..., dict[str, np.ndarray]] | None = None, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Simulate ``cfg`` into ``out_dir`` (created atomically). Returns a summary."""
+        lib: "library_mod.Library | None" = None, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Simulate ``cfg`` (or observe the library ``lib``) into ``out_dir`` (created atomically).
+    Returns a summary."""
     from stxcli.io import atomic_dir
 
+    if lib is not None:
+        cfg.n = lib.n
+        cfg.chunk = max(cfg.chunk, -(-lib.n // max(workers, 1)))  # a library unit builds its own model
     cfg.validate()
     plan = units(cfg)
-    fn = unit_fn or run_unit
     with atomic_dir(out_dir) as tmp:
         (tmp / "spectra").mkdir()
-        results = list(_map_units(fn, cfg, plan, str(tmp), workers, progress))
+        results = list(_map_units(cfg, plan, str(tmp), workers, progress, lib))
         truth = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
-        finish(cfg, tmp, truth, extra_meta)
+        finish(cfg, tmp, truth, extra_meta, library=lib is not None)
     return summary(cfg, out_dir, truth)
 
 
-def _map_units(fn: Callable[..., dict[str, np.ndarray]], cfg: SimConfig, plan: list[tuple[int, int, int]], tmp: str,
-               workers: int, progress: Callable[[int], None] | None):
+def _map_units(cfg: SimConfig, plan: list[tuple[int, int, int]], tmp: str, workers: int,
+               progress: Callable[[int], None] | None, lib: "library_mod.Library | None"):
+    def sub(s: int, e: int) -> "library_mod.Library | None":
+        return None if lib is None else lib.subset(slice(s, e))
+
     if workers <= 1 or len(plan) == 1:
         for u, s, e in plan:
-            r = fn(cfg, u, s, e, tmp)
+            r = run_unit(cfg, u, s, e, tmp, sub(s, e))
             if progress:
                 progress(e - s)
             yield r
@@ -274,7 +329,7 @@ def _map_units(fn: Callable[..., dict[str, np.ndarray]], cfg: SimConfig, plan: l
         os.environ[k] = "1"  # spawned workers inherit: one BLAS thread per process
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as ex:
-            futures = [ex.submit(fn, cfg, u, s, e, tmp) for u, s, e in plan]
+            futures = [ex.submit(run_unit, cfg, u, s, e, tmp, sub(s, e)) for u, s, e in plan]
             for fut, (_, s, e) in zip(futures, plan):
                 r = fut.result()
                 if progress:
@@ -288,16 +343,30 @@ def _map_units(fn: Callable[..., dict[str, np.ndarray]], cfg: SimConfig, plan: l
                 os.environ[k] = v
 
 
-def finish(cfg: SimConfig, tmp: Path, truth: dict[str, np.ndarray], extra_meta: dict[str, Any] | None = None) -> None:
-    """Write truth.fits, labels.fits and simulation.json into the run directory."""
+#: Typical uncertainties of a stellar library's compiled labels (MILES: Cenarro et al. 2007).
+LIBRARY_LABEL_ERR = {"teff": 80.0, "logg": 0.2, "feh": 0.15, "alpha_fe": np.nan}
+
+
+def finish(cfg: SimConfig, tmp: Path, truth: dict[str, np.ndarray], extra_meta: dict[str, Any] | None = None,
+           library: bool = False) -> None:
+    """Write truth.fits, labels.fits and simulation.json into the run directory. For a library
+    run the catalog labels are the library's own labels (they are also the truth)."""
     order = ["id", "teff", "logg", "feh", "alpha_fe", "snr", "rv_kms", "teff_crb", "logg_crb", "feh_crb", "alpha_fe_crb"]
     cols = {k: truth[k] for k in order if k in truth}
     cols.update({k: v for k, v in truth.items() if k not in cols})
     meta = {"SURVEY": cfg.survey, "SIMSEED": cfg.seed, "SIMVERS": VERSION, "ORIGIN": "stx simulate"}
     catalogs.write_table(tmp / "truth.fits", cols, meta)
-    labels_survey = cfg.survey if cfg.survey in catalogs.SYSTEMATICS else "desi"
-    lab = catalogs.catalog_labels(labels_survey, cfg.seed, truth["index"], truth)
-    catalogs.write_table(tmp / "labels.fits", lab, {**meta, "LABELSRC": f"{labels_survey}-like catalog"})
+    if library:
+        lab = {"id": truth["id"], "source_id": truth["source_id"]}
+        for k in catalogs.LABEL_COLUMNS:
+            lab[k] = truth[k]
+            lab[f"{k}_err"] = np.full(truth["id"].size, LIBRARY_LABEL_ERR[k])
+        lab["snr"] = truth["snr"]
+        src = "library catalog labels"
+    else:
+        lab = catalogs.catalog_labels(cfg.survey, cfg.seed, truth["index"], truth)
+        src = f"{cfg.survey}-like catalog"
+    catalogs.write_table(tmp / "labels.fits", lab, {**meta, "LABELSRC": src})
     doc = {"stx_simulate_version": VERSION, "config": cfg.to_json(), "n_spectra": int(truth["id"].size),
            "files": sorted({str(f) for f in truth["file"]}) if truth["file"].size <= 2000 else None,
            "n_files": int(np.unique(truth["file"]).size)}

@@ -336,10 +336,12 @@ TELLURIC_H2O = ((6470.0, 6580.0, 0.03, 20.0), (7160.0, 7340.0, 0.12, 15.0), (813
 
 
 def _band_profile(wave: np.ndarray, bands: tuple[tuple[float, float, float, float], ...]) -> np.ndarray:
+    from scipy.special import expit
+
     out = np.zeros_like(wave, dtype=np.float64)
     for lo, hi, depth, edge in bands:
-        rise = 1.0 / (1.0 + np.exp(-(wave - lo) / edge))
-        fall = 1.0 / (1.0 + np.exp((wave - hi) / (3 * edge)))
+        rise = expit((wave - lo) / edge)
+        fall = expit(-(wave - hi) / (3 * edge))
         tail = np.exp(-np.clip(wave - lo, 0, None) / (hi - lo))
         out += depth * rise * fall * (0.4 + 0.6 * tail)
     return out

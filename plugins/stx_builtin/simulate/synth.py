@@ -208,10 +208,12 @@ def _pixel_position(grid: Grid, wave: np.ndarray) -> np.ndarray:
 
 def _band(grid: Grid, head: float, length: float, to_red: bool, rng: np.random.Generator) -> np.ndarray:
     """A molecular band: a sharp head, an exponential envelope away from it, fine structure."""
+    from scipy.special import expit
+
     w = grid.wave
     x = (w - head) if to_red else (head - w)
     env = np.where(x >= 0, np.exp(-np.clip(x, 0, None) / length), 0.0)
-    env *= 1.0 / (1.0 + np.exp(-x / 0.4))  # head rounded over ~1 A
+    env *= expit(x / 0.4)  # head rounded over ~1 A
     env[x > 6 * length] = 0.0
     sel = np.flatnonzero(env > 1e-4)
     if sel.size == 0:
@@ -320,8 +322,9 @@ def build_templates() -> TemplateSet:
 
     # Balmer bound-free continuum (n = 2) below the series limit
     lim = atoms.series_limit(2)
-    with np.errstate(over="ignore"):
-        sigma2 = np.where(w < lim, 1.044e-26 * w**3 / 32.0, 0.0) / (1.0 + np.exp((w - lim) / 3.0))
+    from scipy.special import expit
+
+    sigma2 = np.where(w < lim, 1.044e-26 * w**3 / 32.0, 0.0) * expit(-(w - lim) / 3.0)
     rows.append((sigma2 * 4.0 * 10.0 ** (-THETA0 * atoms.CHI_H_LEVEL[2]) / KAPPA_REF).astype(np.float32))
     meta.append((BALMER_CONT, False, 0, 0.0, 1.0, atoms.CHI_H_LEVEL[2]))
 
