@@ -422,6 +422,6 @@ def test_embed_store_needs_a_raw_store_the_installed_raw_reproduces(trained, syn
     shutil.copy(syn_store, forged)
     with h5py.File(forged, "a") as h:
         h.attrs["featurizer_key"] = "0" * 64
-    with pytest.raises(StxError, match="does not reproduce"):
+    with pytest.raises(StxError, match="no longer reproduces"):
         embed_store(forged, tmp_path / "y.h5", encoder=out)
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "y.h5").exists()

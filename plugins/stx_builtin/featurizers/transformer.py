@@ -91,6 +91,14 @@ class TransformerFeaturizer:
         if str(getattr(self.raw, "version", "")) != str(rawinfo.get("version", "")):
             console.warn(f"{self.path}: encoder trained on raw featurizer version {rawinfo.get('version')}, "
                          f"installed is {self.raw.version}; embeddings may differ from training")
+        trained_cfg = dict(rawinfo.get("config", {}))
+        built = self.raw.config()
+        user_keys = set(raw or {}) | {k[len("raw."):] for k in raw_overrides}
+        changed = sorted(k for k in set(trained_cfg) | set(built)
+                         if k not in user_keys and trained_cfg.get(k) != built.get(k))
+        if changed:
+            console.warn(f"{self.path}: the installed raw featurizer sets {', '.join(changed)} differently from "
+                         "the raw config the encoder was trained on; embeddings may differ from training")
 
     # -- protocol
     @property
@@ -167,9 +175,13 @@ def embed_store(raw_store: str | Path, output: str | Path, *, encoder: str | Pat
         feat = build_featurizer("transformer", cfg)
         raw = feat.raw
         if featurizer_key(raw.name, raw.version, raw.config()) != st.featurizer_key:
-            raise StxError(f"{st.path}: its raw features were made by raw {st.featurizer_version} with a config "
-                           f"that the installed raw featurizer ({raw.version}) does not reproduce; "
-                           "re-featurize the spectra with `stx featurize --featurizer transformer`")
+            old, now = st.featurizer_config, raw.config()
+            diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+            what = (f"config keys {', '.join(diff)}" if diff else
+                    f"version {st.featurizer_version} vs {raw.version}" if st.featurizer_version != raw.version
+                    else "featurizer key")
+            raise StxError(f"{st.path}: the installed raw featurizer no longer reproduces this store's features "
+                           f"({what} differ); re-featurize the spectra (stx featurize)")
         with atomic_file(output) as tmp:
             w = StoreWriter(tmp, featurizer_name=feat.name, featurizer_version=feat.version,
                             featurizer_config=feat.config(), dim=feat.dim, axis=None)
@@ -235,6 +247,10 @@ def register_commands(app: Any) -> None:
         patience: int = typer.Option(T["patience"].default, help="Stop after this many epochs without a better validation loss."),
         val_frac: float = typer.Option(T["val_frac"].default, help="Fraction of rows (in blocks) for validation."),
         aux_weight: float = typer.Option(T["aux_weight"].default, help="Weight of the attention-pooling objective (0: no attention pooling)."),
+        gap_prob: float = typer.Option(T["gap_prob"].default, help="Augmentation: fraction of training spectra given random gaps."),
+        gap_max: int = typer.Option(T["gap_max"].default, help="Augmentation: at most this many gaps per spectrum."),
+        gap_max_px: int = typer.Option(T["gap_max_px"].default, help="Augmentation: longest gap (pixels)."),
+        gap_pix_frac: float = typer.Option(T["gap_pix_frac"].default, help="Augmentation: up to this fraction of single pixels dropped."),
         max_rows: Optional[int] = typer.Option(None, help="Use only the first N rows of the store."),
         seed: int = typer.Option(T["seed"].default, help="Random seed (CPU runs are deterministic)."),
         device: str = typer.Option(T["device"].default, help="cpu or cuda."),
@@ -254,7 +270,8 @@ def register_commands(app: Any) -> None:
                 "mlp_ratio": mlp_ratio, "dropout": dropout}
         opts = TrainOptions(mask_frac=mask_frac, mask_chunk=mask_chunk, epochs=epochs, batch_size=batch_size,
                             lr=lr, weight_decay=weight_decay, warmup_frac=warmup_frac, patience=patience,
-                            val_frac=val_frac, aux_weight=aux_weight, max_rows=max_rows, seed=seed,
+                            val_frac=val_frac, aux_weight=aux_weight, gap_prob=gap_prob, gap_max=gap_max,
+                            gap_max_px=gap_max_px, gap_pix_frac=gap_pix_frac, max_rows=max_rows, seed=seed,
                             device=device, amp=amp, threads=threads)
         summary = run_train(store, output, arch, opts)
         _show("encoder train", summary, json_out)

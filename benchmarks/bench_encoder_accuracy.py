@@ -1,0 +1,178 @@
+"""Raw-spectrum MLPs versus encoder-embedding MLPs, zero-shot and fine-tuned, split at [Fe/H] = -1.
+
+    python benchmarks/bench_encoder_accuracy.py [--work DIR] [--encoder DIR] [--encoder-epochs 10]
+        [--n-finetune 150] [--adapter residual] [--quick]
+        [--target-files LIST --target-labels CSV --target-id-column COL --target-match-by id|file]
+
+The paper's comparison (issue 5), run entirely through the stx CLI, on real data by default:
+
+* source: the 1,037 real LAMOST DR10 spectra with LASP labels (../shared/data/lamost-dr10-train;
+  no star below [Fe/H] = -1 there, like LAMOST itself);
+* target: the MILES library stars (../shared/data/miles; Cenarro et al. 2007 labels, 119 stars
+  below [Fe/H] = -1), or any labelled target given with --target-*, e.g. simulated DESI spectra.
+
+Steps: `stx featurize` (raw) both sets; `stx encoder train` on the source raw store (unless
+--encoder); `stx encoder embed` both; then for each feature type `stx pretrain` on the source,
+`stx predict` + `stx evaluate` on the target test stars (zero-shot), `stx finetune --adapter A
+--n-train N` on a seeded subset of target stars, predict + evaluate the same test stars. The
+target stars are split once (seeded) into a fine-tuning set and a disjoint test set.
+Writes benchmarks/results/encoder_accuracy.json (MAE, bias, robust scatter per label, overall and
+per [Fe/H] regime, with the number of fine-tuning stars and trainable parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED, write  # noqa: E402
+
+LABELS = ("teff", "logg", "feh")
+
+
+def stx(*args: object) -> dict:
+    """Run the real CLI (`python -m` of the console script's module) and parse its --json output."""
+    cmd = [sys.executable, "-c", "from stxcli.cli.main import run; run()", *[str(a) for a in args]]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"failed ({res.returncode}): stx {' '.join(map(str, args))}\n{res.stderr}")
+    print(f"  stx {args[0]} {args[1] if len(args) > 1 else ''}: {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
+    out = res.stdout.strip()
+    return json.loads(out) if out.startswith(("{", "[")) else {}
+
+
+def file_list(folder: Path, out: Path) -> Path:
+    files = sorted(p for p in folder.iterdir() if p.name.endswith((".fits", ".fits.gz", ".fit")))
+    out.write_text("\n".join(str(p) for p in files) + "\n")
+    return out
+
+
+def split_store(src: Path, ft: Path, test: Path, n_ft: int, seed: int) -> tuple[int, int]:
+    """Rows with all labels -> a seeded fine-tuning subset and the disjoint rest (same featurizer
+    identity, so the stores stay compatible with models made on the source)."""
+    from stxcli.store import FeatureStore, write_store_arrays
+
+    with FeatureStore.open(src) as st:
+        d = st.read(fields=("features", "ivar", "ids", "quality"))
+        y = st.labels(list(LABELS))
+        ok = np.flatnonzero(np.isfinite(y).all(1))
+        perm = np.random.default_rng(seed).permutation(ok)
+        n_ft = min(n_ft, len(perm) // 2)
+        for path, rows in ((ft, np.sort(perm[:n_ft])), (test, np.sort(perm[n_ft:]))):
+            write_store_arrays(path, d["features"][rows], d["ivar"][rows], d["ids"][rows],
+                               {k: y[rows, i] for i, k in enumerate(LABELS)},
+                               featurizer_name=st.featurizer_name, featurizer_version=st.featurizer_version,
+                               featurizer_config=st.featurizer_config,
+                               quality={k: v[rows] for k, v in d["quality"].items()}, axis=st.axis,
+                               survey="target")
+    return n_ft, len(perm) - n_ft
+
+
+def truth_csv(store: Path, out: Path) -> Path:
+    from stxcli.store import FeatureStore
+
+    with FeatureStore.open(store) as st:
+        ids, y = st.ids, st.labels(list(LABELS))
+    lines = ["id," + ",".join(LABELS)] + [f"{i}," + ",".join(f"{v:.6g}" for v in row) for i, row in zip(ids, y)]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def metrics(report: dict) -> dict:
+    out = {"n": report.get("n_stars"), "overall": {}, "feh<-1": {}, "feh>=-1": {}}
+    for lab in LABELS:
+        out["overall"][lab] = _pick(report["overall"][lab])
+        for sub in report.get("feh_split") or []:
+            name = sub.get("name")
+            if name in ("feh<-1", "feh>=-1"):
+                out[name][lab] = _pick(sub["metrics"][lab]) | {"n_stars": sub.get("n")}
+    return out
+
+
+def _pick(m: dict | None) -> dict:
+    m = m or {}
+    return {k: m.get(k) for k in ("n", "mae", "bias", "scatter")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("bench-encoder-accuracy"))
+    ap.add_argument("--encoder", type=Path, help="use this encoder instead of training one")
+    ap.add_argument("--encoder-epochs", type=int, default=10)
+    ap.add_argument("--n-finetune", type=int, default=150)
+    ap.add_argument("--adapter", default="residual")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="2 encoder epochs, width 64")
+    ap.add_argument("--target-files", type=Path, help="list of target spectrum files (default: MILES)")
+    ap.add_argument("--target-labels", type=Path)
+    ap.add_argument("--target-id-column", default="file")
+    ap.add_argument("--target-match-by", default="file")
+    args = ap.parse_args()
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    src_raw, tgt_raw = w / "source_raw.h5", w / "target_raw.h5"
+    if not src_raw.exists():
+        stx("featurize", file_list(SHARED / "lamost-dr10-train" / "spectra", w / "source.txt"), "-o", src_raw,
+            "--labels", SHARED / "lamost-dr10-train" / "labels.csv", "--id-column", "obsid", "--json")
+    if not tgt_raw.exists():
+        files = args.target_files or file_list(SHARED / "miles" / "spectra", w / "target.txt")
+        labels = args.target_labels or SHARED / "miles" / "labels.csv"
+        stx("featurize", files, "-o", tgt_raw, "--labels", labels, "--id-column", args.target_id_column,
+            "--match-by", args.target_match_by, "--json")
+    n_ft, n_test = split_store(tgt_raw, w / "ft_raw.h5", w / "test_raw.h5", args.n_finetune, args.seed)
+    truth = truth_csv(w / "test_raw.h5", w / "truth.csv")
+
+    enc = args.encoder
+    enc_summary: dict = {}
+    if enc is None:
+        enc = w / "encoder"
+        extra = ["--width", "64", "--epochs", "2"] if args.quick else ["--epochs", args.encoder_epochs]
+        enc_summary = stx("encoder", "train", src_raw, "-o", enc, *extra, "--seed", args.seed, "--json")
+    info = stx("encoder", "info", enc, "--json")
+    for name in ("source", "ft", "test"):
+        stx("encoder", "embed", w / f"{name}_raw.h5", "--encoder", enc, "-o", w / f"{name}_emb.h5", "--json")
+
+    results: dict = {}
+    for kind in ("raw", "emb"):
+        base = w / f"base_{kind}"
+        pre = stx("pretrain", w / f"source_{kind}.h5", "-o", base, "--labels", ",".join(LABELS),
+                  "--seed", args.seed, "--json")
+        stx("predict", base, w / f"test_{kind}.h5", "-o", w / f"zs_{kind}.fits", "--json")
+        zs = stx("evaluate", w / f"zs_{kind}.fits", truth, "-o", w / f"zs_{kind}_report", "--json")
+        ft = stx("finetune", base, w / f"ft_{kind}.h5", "--adapter", args.adapter, "-o", w / f"ft_{kind}",
+                 "--seed", args.seed, "--json")
+        stx("predict", w / f"ft_{kind}", w / f"test_{kind}.h5", "-o", w / f"ft_{kind}.fits", "--json")
+        fr = stx("evaluate", w / f"ft_{kind}.fits", truth, "-o", w / f"ft_{kind}_report", "--json")
+        results[kind] = {"pretrain": {k: pre.get(k) for k in ("n_train", "n_val", "trainable_params", "n_params")
+                                      if k in pre},
+                         "zero_shot": metrics(zs),
+                         "finetuned": {"adapter": args.adapter,
+                                       "n_target_stars": ft.get("n_target_stars", ft.get("n_train")),
+                                       "trainable_params": ft.get("trainable_params"), **metrics(fr)}}
+
+    write("encoder_accuracy", {
+        "command": "python benchmarks/bench_encoder_accuracy.py " + " ".join(sys.argv[1:]),
+        "source": "lamost-dr10-train (real, LASP labels)",
+        "target": str(args.target_files or "miles (real, Cenarro et al. 2007 labels)"),
+        "n_finetune_pool": n_ft, "n_test": n_test, "seed": args.seed,
+        "encoder": {"path": str(enc), "sha256": info.get("encoder_sha256"), "architecture": info.get("architecture"),
+                    "n_params": info.get("n_params"), "best_val_mse": info.get("best_val_mse"),
+                    "val_mse_predicting_mean": info.get("val_mse_predicting_mean"),
+                    "train_seconds": enc_summary.get("seconds")},
+        "results": results, "seconds": round(time.perf_counter() - t_start, 1),
+    })
+
+
+if __name__ == "__main__":
+    main()
