@@ -132,9 +132,10 @@ class StxNet(nn.Module):
         self.register_buffer("feature_mean", feature_mean.detach().clone().float())
         self.register_buffer("feature_scale", feature_scale.detach().clone().float())
 
-    def standardize(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused pass over the batch: x * scale - mean * scale
-        return torch.addcmul(-self.feature_mean * self.feature_scale, x, self.feature_scale)
+    def standardize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(x - mean) * scale`` in one fused pass, into ``out`` when given (predict reuses one
+        buffer: a fresh batch-sized tensor per chunk costs more in page faults than the pass)."""
+        return torch.addcmul(-self.feature_mean * self.feature_scale, x, self.feature_scale, out=out)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.standardize(x))
@@ -207,7 +208,7 @@ class DomainModel:
         if self._dev.get("device") != key:
             comp = torch.as_tensor(self.components, device=device)
             c = torch.as_tensor(self.center, device=device)
-            self._dev = {"device": key, "a": torch.cat([comp, c[None]], 0).T.contiguous(),
+            self._dev = {"device": key, "a": torch.cat([comp, c[None]], 0).contiguous(),
                          "cc": c @ comp.T, "c2": float(c.double().pow(2).sum()),
                          "ev": torch.as_tensor(self.eigvals, device=device)}
         return self._dev
@@ -217,9 +218,9 @@ class DomainModel:
         ``|z - c|^2 = z.z - 2 z.c + c.c`` and the projections come from one matrix product."""
         t = self._on(z.device)
         k = t["ev"].shape[0]
-        q = z @ t["a"]  # (B, k + 1): projections of z, and z.c
+        q = torch.nn.functional.linear(z, t["a"])  # (B, k + 1): projections of z, and z.c
         p = q[:, :k] - t["cc"]
-        dd = torch.linalg.vecdot(z, z) - 2 * q[:, k] + t["c2"]
+        dd = torch.linalg.vector_norm(z, dim=1).square() - 2 * q[:, k] + t["c2"]
         d2 = (p * p / t["ev"]).mean(1)
         resid = (dd - (p * p).sum(1)).clamp_min(0) / z.shape[1]
         return d2, resid
@@ -367,6 +368,7 @@ class LoadedModel:
     domains: list[DomainModel]
     featurizer: dict[str, Any]
     input_dim: int
+    _zbuf: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def label_names(self) -> list[str]:
@@ -383,17 +385,18 @@ class LoadedModel:
         L = len(self.specs)
         mean = torch.empty((xt.shape[0], L), device=device)
         var = torch.empty_like(mean)
-        z = None
+        buf = self._zbuf
+        if buf is None or buf.shape[0] < xt.shape[0] or buf.shape[1] != xt.shape[1] or buf.device != xt.device:
+            buf = self._zbuf = torch.empty(xt.shape, device=xt.device)
+        # every net of one model shares the base's feature standardisation: standardise once
+        z = self.nets[0].standardize(xt, out=buf[: xt.shape[0]])
         for i, net in enumerate(self.nets):
             cols = [j for j in range(L) if self.label_net[j] == i]
             if not cols:
                 continue
-            z = net.standardize(xt)
             mu, lv = net.head(z)
             m, v = combine_members(mu, lv)
             mean[:, cols], var[:, cols] = m[:, cols], v[:, cols]
-        if z is None:
-            z = self.nets[0].standardize(xt)
         ood = torch.ones(xt.shape[0], dtype=torch.bool, device=device)
         for dm in self.domains:
             ood &= dm.outside(z)

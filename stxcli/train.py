@@ -935,7 +935,7 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
     assert prep.train is not None and prep.val is not None
     prep.train.standardize(base_net.feature_mean.numpy(), base_net.feature_scale.numpy())
     prep.val.standardize(base_net.feature_mean.numpy(), base_net.feature_scale.numpy())
-    zero_shot = label_report(specs, predict_rows(base_net, prep.val, device))
+    zero_shot = label_report(specs, predict_rows(base_net.to(device), prep.val, device))
     base_net.cpu()
     candidates = list(getattr(sel, "candidates", []) or [])
     selector = bool(candidates)
@@ -1019,6 +1019,7 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
     }
     sha = write_model_dir(out, manifest, tensors=tensors, json_files=json_files, copy_dirs=copy_dirs)
     s = summary(manifest, out, sha)
+    s["n_target_stars"] = prep.split.n_train + prep.split.n_val
     s["adapter"] = sel.name
     if selector:
         s["selection"] = choice

@@ -195,3 +195,49 @@ def test_real_files_store_and_catalog_agree(dr10, capsys):
         np.testing.assert_allclose(c[f"pred_{lab}"], np.asarray(a[lab])[idx], rtol=1e-5)
         assert str(c[f"pred_{lab}_err"].unit) == str(a[f"{lab}_err"].unit)
     assert hdr["MODELSHA"]
+
+
+def test_flag_bits_by_hand():
+    """predict_chunk: featurizer flags travel; OUT_OF_DOMAIN from the domain model;
+    OUT_OF_LABEL_RANGE when a value is more than 1 sigma beyond the training range."""
+    from types import SimpleNamespace
+
+    from stxcli import flags as F
+    from stxcli.model import LabelSpec
+    from stxcli.predict import Chunk, predict_chunk
+
+    specs = [LabelSpec("teff", "K", "log10", 3.7, 0.05, 4000.0, 7000.0),
+             LabelSpec("feh", "dex", "identity", -0.5, 0.5, -2.5, 0.5)]
+    value = np.array([[5000, 0.0], [3950, 0.0], [3900, 0.0], [5000, 0.7], [5000, 0.0]])
+    err = np.array([[50, 0.1], [100, 0.1], [50, 0.1], [50, 0.1], [50, 0.1]])
+    ood = np.array([False, False, False, False, True])
+    model = SimpleNamespace(specs=specs, predict=lambda x, device: {"value": value, "err": err, "out_of_domain": ood})
+    ch = Chunk(np.zeros((5, 3), np.float32), {}, np.full(5, 20, np.float32),
+               np.array([F.LOW_SNR, 0, 0, F.HEAVY_MASK, 0], np.int32))
+    out = predict_chunk(model, ch, "cpu")
+    # row 1: 3950 + 100 >= 4000: within 1 sigma of the range; row 2: 3900 + 50 < 4000: beyond
+    assert out["flags"].tolist() == [F.LOW_SNR, 0, F.OUT_OF_LABEL_RANGE, F.HEAVY_MASK | F.OUT_OF_LABEL_RANGE,
+                                     F.OUT_OF_DOMAIN]
+    np.testing.assert_array_equal(out["teff"], value[:, 0].astype(np.float32))
+    np.testing.assert_array_equal(out["feh_err"], err[:, 1].astype(np.float32))
+    assert out["flags"].dtype == np.int32
+
+
+def test_far_features_flagged_out_of_domain(work, base, capsys, tmp_path):
+    from stxcli.store import FeatureStore, write_store_arrays
+
+    with FeatureStore.open(work / "src.h5") as st:
+        x = st.read(0, 40)["features"]
+        ids = list(st.ids[:40])
+    far = x.copy()
+    far[20:] += np.random.default_rng(0).normal(0, 1.0, far[20:].shape).astype(np.float32)  # noise 100x
+    write_store_arrays(tmp_path / "far.h5", far, np.ones_like(far), ids, featurizer_name="raw",
+                       featurizer_version="test", featurizer_config={"grid": "synthetic"},
+                       quality={"flags": np.r_[np.zeros(20, np.int32), np.full(20, 1, np.int32)]})
+    code, out, err = run_cli(["predict", base, tmp_path / "far.h5", "-o", tmp_path / "p.fits", "--json"], capsys)
+    assert code == 0, err
+    t, _ = _table(tmp_path / "p.fits")
+    f = np.asarray(t["flags"])
+    assert ((f[20:] & 32) != 0).all() and ((f[20:] & 1) != 0).all()  # OUT_OF_DOMAIN, LOW_SNR carried
+    assert ((f[:20] & 32) == 0).mean() >= 0.9
+    assert "OUT_OF_DOMAIN" in err and json.loads(out)["flags"]["OUT_OF_DOMAIN"] >= 20
