@@ -348,3 +348,25 @@ def test_predict_resume_and_refusals(client, inputs, model, single, tmp_path, mo
         D.predict_on_dask(client, model, [str(single[0])], tmp_path / "s.fits")
     with pytest.raises(UsageError, match="FITS"):
         D.predict_on_dask(client, model, files, tmp_path / "s.csv")
+
+
+def test_small_slab_checksum_equals_the_store_checksum(tmp_path):
+    """The combined store's checksum, read in small slabs, is the store's own digest (ids across
+    slab edges, features/ivar across the 8192-row block edge)."""
+    from stxcli.protocols import FeatureBatch
+    from stxcli.spectra import SpectrumMeta
+    from stxcli.store import StoreWriter
+
+    n, rng = 9000, np.random.default_rng(3)
+    meta = SpectrumMeta.empty(n, "test", "f.fits")
+    meta.ids = np.array([f"star-{i}-{'x' * (i % 7)}" for i in range(n)])
+    fb = FeatureBatch(rng.normal(size=(n, 3)).astype(np.float32), rng.uniform(size=(n, 3)).astype(np.float32),
+                      {"snr": np.ones(n, np.float32), "flags": np.zeros(n, np.int32)}, meta)
+    sums = []
+    for k, finish in enumerate((lambda w: w.finish(), lambda w: D._finish(w, rows=700))):
+        w = StoreWriter(tmp_path / f"{k}.h5", featurizer_name="t", featurizer_version="0", featurizer_config={}, dim=3)
+        w.append(fb)
+        sums.append(finish(w))
+    assert sums[0] == sums[1]
+    with h5py.File(tmp_path / "1.h5") as f:
+        assert f.attrs["checksum"] == sums[0] and bool(f.attrs["complete"])

@@ -187,14 +187,18 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
 def _summarize(output: Path, n_spectra: int, n_files: int, feat: Any, readers: dict[str, int],
                label_columns: list[str], n_match: int | None, checksum: str, notes: list[str]) -> dict[str, Any]:
     """Warn about flagged spectra, print the featurizer's notes, and build the summary."""
-    import numpy as np
-
     from .. import flags as F
     from ..store import FeatureStore
 
-    with FeatureStore.open(output) as st:
-        fl = st.f["quality/flags"][:] if "flags" in st.f["quality"] else np.zeros(0, np.int32)
-    flag_counts = {name: int(((fl & bit) != 0).sum()) for bit, name in F.NAMES.items() if ((fl & bit) != 0).any()}
+    counts = dict.fromkeys(F.NAMES.values(), 0)
+    with FeatureStore.open(output) as st:  # slab by slab: memory independent of the store's size
+        if "flags" in st.f["quality"]:
+            ds = st.f["quality/flags"]
+            for s in range(0, ds.shape[0], 1 << 20):
+                fl = ds[s:s + (1 << 20)]
+                for bit, name in F.NAMES.items():
+                    counts[name] += int(((fl & bit) != 0).sum())
+    flag_counts = {name: c for name, c in counts.items() if c}
     for name, count in flag_counts.items():
         console.warn(f"{count} spectra flagged {name}")
     for note in sorted(set(notes)):
