@@ -75,6 +75,7 @@ C_TIO = 5.0
 C_CH = 0.35
 C_HAZE = 1.0
 C_HRES = 0.02  # A, resonance-broadening HWHM of the Balmer lines at Pg f_HI = 1e5, 5000 K
+C_PASCHEN = 0.3  # Paschen lines relative to the one-layer estimate (LAMOST DR1 A stars)
 C_BJ = 0.2  # scale of the Balmer bound-free opacity (Balmer jump of A stars, MILES)
 #: The haze weight saturates at HAZE_MAX times its solar value (cool giants stay grey-ish).
 HAZE_MAX = 3.0
@@ -299,6 +300,8 @@ def build_templates() -> TemplateSet:
         nup = np.array([ln[1] for ln in lines], dtype=float)
         fosc = np.array([ln[2] for ln in lines])
         s_h = _PI_E2_MC2 * waves**2 * fosc * lower**2 * 10.0 ** (-THETA0 * chi_l) / KAPPA_REF
+        if lower == 3:
+            s_h = s_h * C_PASCHEN
         core = np.zeros((1, grid.npix), dtype=np.float32)
         dpix = waves * np.log(10) * LOG_STEP
         _gauss_deposit(core, np.zeros(waves.size, dtype=np.int64), _pixel_position(grid, waves), s_h / dpix, H_SIGMA_PIX)
