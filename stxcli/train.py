@@ -64,6 +64,16 @@ class TrainOptions:
             v = getattr(self, k)
             if v is not None:
                 out[k] = v
+        for k in ("epochs", "batch_size", "patience"):
+            if int(out[k]) < 1:
+                raise UsageError(f"--{k.replace('_', '-')} must be >= 1, got {out[k]}")
+            out[k] = int(out[k])
+        if not out["lr"] > 0:
+            raise UsageError(f"--lr must be > 0, got {out['lr']}")
+        if out["weight_decay"] < 0 or (out["grad_clip"] or 0) < 0:
+            raise UsageError("--weight-decay and the gradient clip must be >= 0")
+        if self.augment_noise < 0:
+            raise UsageError(f"--augment-noise must be >= 0, got {self.augment_noise}")
         return out
 
 
