@@ -146,6 +146,10 @@ class CannonNet(nn.Module):
     def forward(self, z: torch.Tensor, ivar: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Standardised features ``z`` (B, D) (``ivar`` optional, in the units of ``z``) ->
         mean and log-variance (1, B, L) in standardised label space."""
+        if torch.is_grad_enabled() and (self.theta.requires_grad or self.s2.requires_grad):
+            raise StxError("cannon: the Cannon is fitted in closed form and its coefficients do not train by "
+                           "gradient (adapter full); train a cannon on the target stars instead "
+                           "(stx pretrain TARGET.h5 --head cannon)")
         f = self.flux(z)
         iv = None if ivar is None else ivar.to(torch.float64) * self.flux_scale**2
         l, cov = self.infer(f, iv)

@@ -215,3 +215,20 @@ def test_errors_are_one_line(tmp_path, capsys):
                  str(tmp_path / "m"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "steps must be >= 1" in err[-1]
+
+
+def test_gradient_adapters_refuse_a_cannon_base(tmp_path, capsys):
+    """The Cannon is fitted in closed form: lora/residual find no linear layer, full would train
+    its coefficients by gradient; each is a one-line error and writes nothing."""
+    from stxcli.cli.main import main
+
+    write_store(tmp_path / "tr.h5", 100, 0, d=12)
+    assert main(["pretrain", str(tmp_path / "tr.h5"), "--head", "cannon", "-o", str(tmp_path / "m"), "--quiet"]) == 0
+    capsys.readouterr()
+    for adapter, message in (("full", "fitted in closed form"), ("lora", "match no linear layer"),
+                             ("residual", "no linear layer")):
+        code = main(["finetune", str(tmp_path / "m"), str(tmp_path / "tr.h5"), "--adapter", adapter, "-o",
+                     str(tmp_path / adapter), "--epochs", "2", "--quiet", "--threads", "1"])
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error:")]
+        assert code != 0 and len(err) == 1 and message in err[0], (adapter, err)
+        assert not (tmp_path / adapter).exists()
