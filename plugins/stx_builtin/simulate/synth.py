@@ -484,19 +484,22 @@ def _sed_table() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         return z["sed_logteff"].astype(float), z["sed_wave"].astype(float), z["sed_logcorr"].astype(float)
 
 
-@lru_cache(maxsize=4)
-def _sed_interp(n_wave: int, wave_key: tuple[float, float, int]) -> np.ndarray:
-    """(n_nodes, npix) float32 linear-interpolation matrix from the SED wavelength nodes to a
-    grid (identified by its first/last wavelength and size; the grid is rebuilt here)."""
-    table = _sed_table()
-    assert table is not None
-    lw = table[1]
-    wave = _grid_from_key(wave_key)
+#: The continuum is evaluated on nodes every 50 A and interpolated linearly in log flux (the
+#: Planck curve is smooth: the interpolation error is below 1e-3 at 3500 K).
+_CONT_NODES = np.arange(3400.0, 10201.0, 50.0)
+
+
+@lru_cache(maxsize=8)
+def _node_interp(wave_key: tuple[float, float, int]) -> np.ndarray:
+    """(n_nodes, npix) float32 linear-interpolation matrix from the continuum nodes to a grid."""
+    wave = _GRIDS[wave_key]
+    lw = _CONT_NODES
     j = np.clip(np.searchsorted(lw, wave) - 1, 0, lw.size - 2)
     u = np.clip((wave - lw[j]) / (lw[j + 1] - lw[j]), 0.0, 1.0)
     m = np.zeros((lw.size, wave.size), dtype=np.float32)
-    m[j, np.arange(wave.size)] = 1.0 - u
-    m[j + 1, np.arange(wave.size)] += u
+    cols = np.arange(wave.size)
+    m[j, cols] = 1.0 - u
+    m[j + 1, cols] += u
     return m
 
 
@@ -509,35 +512,37 @@ def _grid_key(wave: np.ndarray) -> tuple[float, float, int]:
     return key
 
 
-def _grid_from_key(key: tuple[float, float, int]) -> np.ndarray:
-    return _GRIDS[key]
-
-
-def sed_correction(teff: np.ndarray, wave: np.ndarray) -> np.ndarray | None:
-    """Multiplicative continuum correction (n, npix) measured on MILES stars (median ratio of the
-    smoothed real to the smoothed simulated flux per Teff node, 1 at 5500 A); flat outside the
-    MILES range 3550-7400 A; None when switched off or not shipped."""
+def sed_correction_nodes(teff: np.ndarray) -> np.ndarray:
+    """log10 of the empirical continuum correction on :data:`_CONT_NODES`, (n, n_nodes): the
+    median ratio of smoothed real MILES to smoothed simulated spectra per Teff node, 0 at
+    5500 A, flat outside the MILES range; zeros when switched off or not shipped."""
+    teff = np.atleast_1d(np.asarray(teff, dtype=np.float64))
     table = _sed_table() if USE_SED_CORRECTION else None
     if table is None:
-        return None
+        return np.zeros((teff.size, _CONT_NODES.size))
     lt, lw, lc = table
-    x = np.clip(np.log10(np.atleast_1d(np.asarray(teff, dtype=np.float64))), lt[0], lt[-1])
+    x = np.clip(np.log10(teff), lt[0], lt[-1])
     i = np.clip(np.searchsorted(lt, x) - 1, 0, lt.size - 2)
     t = ((x - lt[i]) / (lt[i + 1] - lt[i]))[:, None]
-    nodes = (lc[i] * (1.0 - t) + lc[i + 1] * t).astype(np.float32) * np.float32(np.log(10.0))  # (n, n_nodes)
-    out = nodes @ _sed_interp(lw.size, _grid_key(wave))
-    np.exp(out, out=out)
-    return out
+    nodes = lc[i] * (1.0 - t) + lc[i + 1] * t  # (n, len(lw))
+    j = np.clip(np.searchsorted(lw, _CONT_NODES) - 1, 0, lw.size - 2)
+    u = np.clip((_CONT_NODES - lw[j]) / (lw[j + 1] - lw[j]), 0.0, 1.0)
+    return nodes[:, j] * (1.0 - u) + nodes[:, j + 1] * u
 
 
 def continuum(teff: np.ndarray, wave: np.ndarray | None = None) -> np.ndarray:
-    """The stellar continuum (n, npix): Planck times the empirical SED correction."""
+    """The stellar continuum (n, npix) float32: Planck times the empirical SED correction,
+    normalised to 1 at 5500 A (before the correction, which is 1 there too)."""
     wave = hires_grid().wave if wave is None else wave
-    b = planck(teff, wave)
-    corr = sed_correction(teff, wave)
-    if corr is not None:
-        b *= corr
-    return b
+    teff = np.atleast_1d(np.asarray(teff, dtype=np.float64))
+    w = _CONT_NODES
+    c2 = 1.4387769e8
+    log_b = 5.0 * np.log(5500.0 / w)[None, :] + np.log(np.expm1(c2 / (5500.0 * teff)))[:, None] \
+        - np.log(np.expm1(c2 / np.outer(teff, w)))
+    log_c = (log_b + np.log(10.0) * sed_correction_nodes(teff)).astype(np.float32)
+    out = log_c @ _node_interp(_grid_key(wave))
+    np.exp(out, out=out)
+    return out
 
 
 def doppler_ratio(teff: np.ndarray, logg: np.ndarray) -> np.ndarray:
