@@ -370,3 +370,17 @@ def test_small_slab_checksum_equals_the_store_checksum(tmp_path):
     assert sums[0] == sums[1]
     with h5py.File(tmp_path / "1.h5") as f:
         assert f.attrs["checksum"] == sums[0] and bool(f.attrs["complete"])
+
+
+def test_predict_cli_with_dask(inputs, model, tmp_path, capsys):
+    files = inputs["list"].read_text().split()[:2]
+    out = tmp_path / "cli.fits"
+    code, stdout, err = run_cli(["predict", model, *files, "-o", out, "--dask", "local:1", "--json"], capsys)
+    assert code == 0, err
+    s = json.loads(stdout)
+    assert s["n_spectra"] == 2 and s["dask"]["workers"] == 1 and s["dask"]["partitions"] == 2
+    ref, _, _ = _fits_rows(out)
+    assert list(ref.columns.names[:3]) == ["id", "survey", "source_file"] and np.isfinite(ref["teff"]).all()
+    code, _, err = run_cli(["predict", model, *files, "-o", tmp_path / "x.fits", "--dask", "local:1",
+                            "--prefix", "p_"], capsys)
+    assert code == 2 and "input-catalog options" in err
