@@ -125,10 +125,15 @@ def _init_worker(name: str, config: dict[str, Any], format: str | None, chunk_si
 
 
 def _run_file(path: Path) -> FileResult:
+    from threadpoolctl import threadpool_limits
+
     st = _worker_state
     reader = identify(path, get_registry(), st["format"]).name
-    batches = list(featurize_file(path, st["featurizer"], format=st["format"],
-                                  chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"]))
+    # One BLAS thread per process: N workers on N cores must not each run a pool of N threads,
+    # and results must not depend on the thread count (1 worker and 2 give identical stores).
+    with threadpool_limits(limits=1):
+        batches = list(featurize_file(path, st["featurizer"], format=st["format"],
+                                      chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"]))
     return FileResult(path, sha256_file(path), reader, batches)
 
 
@@ -143,25 +148,10 @@ def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: di
         return
     import multiprocessing as mp
 
-    # Fresh interpreters with single-threaded BLAS: N workers on N cores must not each start a
-    # BLAS thread pool per core (a fork would inherit this process's already-started pool).
-    ctx = mp.get_context("spawn")
-    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-    os.environ.update({k: "1" for k in _THREAD_VARS})
-    try:
-        pool = ctx.Pool(workers, initializer=_init_worker,
-                        initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    with pool:
+    ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker,
+                  initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup)) as pool:
         yield from pool.imap(_run_file, list(paths), chunksize=1)
-
-
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def iter_feature_batches(paths: Sequence[Path], featurizer: Featurizer, *, format: str | None = None,
