@@ -51,6 +51,9 @@ def thirdparty(monkeypatch, fresh_registry):
     get_registry.cache_clear()
     yield
     get_registry.cache_clear()
+    from stxcli import console
+
+    console.set_quiet(False)  # --json / --quiet set a process-wide flag that later in-process commands inherit
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,9 @@ def _with_plugin(monkeypatch):
     get_registry.cache_clear()
     yield
     get_registry.cache_clear()
+    from stxcli import console
+
+    console.set_quiet(False)  # --json / --quiet set a process-wide flag; leave it as found
 
 
 def quadratic_spectra(n: int, seed: int, d: int = 40, miss: float = 0.02):

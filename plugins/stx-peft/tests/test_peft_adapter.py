@@ -29,6 +29,9 @@ def _with_plugin(monkeypatch):
     get_registry.cache_clear()
     yield
     get_registry.cache_clear()
+    from stxcli import console
+
+    console.set_quiet(False)  # --json / --quiet set a process-wide flag; leave it as found
 
 
 def _base(ensemble: int = 2, in_dim: int = 12):
