@@ -116,6 +116,7 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
         return summary
     rkey = _resume_key(fkey, paths, {"format": format, "chunk": chunk_size, "rv": rv_column,
                                      "labels": str(labels) if labels else None})
+    output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
     resumed = _open_partial(partial, rkey) if partial.exists() else None
     if resumed:
