@@ -85,6 +85,9 @@ def _click_kind(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 1 data error, 2 usage, 130 interrupted)."""
     debug = os.environ.get("STX_DEBUG", "") not in ("", "0")
+    from .. import console
+
+    console.set_quiet(False)  # each call starts afresh (in-process callers run several commands)
     try:
         app = build_app()
         typer.main.get_command(app).main(args=argv, prog_name="stx", standalone_mode=False)
