@@ -96,7 +96,13 @@ RvLookup = dict[str, float]
 
 def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = None,
                    chunk_size: int = 1024, rv_lookup: RvLookup | None = None) -> Iterator[FeatureBatch]:
-    """Read one file with its identified reader and featurize it batch by batch."""
+    """Read one file with its identified reader and featurize it batch by batch.
+
+    BLAS runs single-threaded while featurizing: results then do not depend on the thread count
+    (one process, a pool or a Dask cluster give identical stores), and N worker processes on N
+    cores do not each start N threads."""
+    from threadpoolctl import threadpool_limits
+
     reg = get_registry()
     reader = identify(path, reg, format)
     for batch in reader.read(path, chunk_size=chunk_size,
@@ -110,7 +116,9 @@ def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = N
             rv = np.array([rv_lookup.get(str(i), np.nan) for i in ids], dtype=np.float64)
             have = np.isfinite(rv)
             batch.meta.rv_kms = np.where(have, rv, batch.meta.rv_kms)
-        yield featurizer.transform(batch)
+        with threadpool_limits(limits=1):  # not across the yield: the consumer keeps its threads
+            fb = featurizer.transform(batch)
+        yield fb
 
 
 # ------------------------------------------------------------------------------ worker processes
@@ -125,15 +133,10 @@ def _init_worker(name: str, config: dict[str, Any], format: str | None, chunk_si
 
 
 def _run_file(path: Path) -> FileResult:
-    from threadpoolctl import threadpool_limits
-
     st = _worker_state
     reader = identify(path, get_registry(), st["format"]).name
-    # One BLAS thread per process: N workers on N cores must not each run a pool of N threads,
-    # and results must not depend on the thread count (1 worker and 2 give identical stores).
-    with threadpool_limits(limits=1):
-        batches = list(featurize_file(path, st["featurizer"], format=st["format"],
-                                      chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"]))
+    batches = list(featurize_file(path, st["featurizer"], format=st["format"],
+                                  chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"]))
     return FileResult(path, sha256_file(path), reader, batches)
 
 
