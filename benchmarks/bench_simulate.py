@@ -14,7 +14,10 @@ directory on the same disk, then deleted):
   LAMOST-like spectrum and real LAMOST DR1 stars of similar and of very different labels.
 
 The load average before and after each timing is recorded: the machine is shared, and other
-processes slow the figures down. Writes benchmarks/results/simulate.json.
+processes slow the wall-clock figures down. The CPU seconds of the run (this process and its
+workers) are recorded too, with the wall time the same work takes on two otherwise idle cores
+(``cpu_seconds / 2``; the two workers keep both cores busy). Writes
+benchmarks/results/simulate.json (``--quick``: simulate-quick.json).
 """
 
 from __future__ import annotations
@@ -47,16 +50,27 @@ def _cfg(survey: str, n: int, seed: int = 11, with_crb: bool = True):
 def timed_run(survey: str, n: int, workers: int, with_crb: bool = True) -> dict[str, float]:
     from stx_builtin.simulate import engine
 
+    import resource
+
+    def cpu() -> float:
+        s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
     tmp = Path(tempfile.mkdtemp(prefix="stx-bench-sim-", dir=os.environ.get("STX_BENCH_TMP")))
     try:
         load0 = os.getloadavg()[0]
+        c0 = cpu()
         t0 = time.perf_counter()
         engine.run(_cfg(survey, n, with_crb=with_crb), tmp / "out", workers=workers)
         dt = time.perf_counter() - t0
+        cpu_s = cpu() - c0  # this process and its (finished) worker processes
         size = sum(p.stat().st_size for p in (tmp / "out").rglob("*") if p.is_file())
         return {"n": n, "workers": workers, "with_crb": with_crb, "seconds": round(dt, 2),
-                "spectra_per_s": round(n / dt, 1), "bytes_written": size, "load_before": round(load0, 2),
-                "load_after": round(os.getloadavg()[0], 2)}
+                "spectra_per_s": round(n / dt, 1), "cpu_seconds": round(cpu_s, 2),
+                "cpu_ms_per_spectrum": round(1e3 * cpu_s / n, 3),
+                # what the same CPU work takes when the two cores are not shared with other jobs
+                "idle_2core_spectra_per_s": round(n / (cpu_s / 2.0), 1),
+                "bytes_written": size, "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -104,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if n_big:
         big = timed_run("lamost", n_big, args.workers)
         big["seconds_for_100k"] = round(big["seconds"] * 100_000 / n_big, 1)
+        big["idle_2core_seconds_for_100k"] = round(big["cpu_seconds"] / 2.0 * 100_000 / n_big, 1)
         big["extrapolated"] = n_big != 100_000
         result["lamost_100k"] = big
         print("lamost 100k", big)

@@ -142,3 +142,18 @@ def test_random_streams_depend_on_seed_and_index_only():
     u1 = rng.uniform(5, rng.OBS, np.arange(1000), 2)
     assert not np.array_equal(u1, rng.uniform(6, rng.OBS, np.arange(1000), 2))
     assert abs(u1.mean() - 0.5) < 0.03 and abs(np.corrcoef(u1[:, 0], u1[:, 1])[0, 1]) < 0.1
+
+
+def test_continuum_is_planck_times_the_measured_correction(monkeypatch):
+    wave = synth.hires_grid().wave
+    teff = np.array([3400.0, 5777.0, 12000.0])
+    monkeypatch.setattr(synth, "USE_SED_CORRECTION", False)
+    plain = synth.continuum(teff)
+    assert np.max(np.abs(plain / synth.planck(teff, wave) - 1.0)) < 1e-3  # node interpolation
+    monkeypatch.setattr(synth, "USE_SED_CORRECTION", True)
+    corrected = synth.continuum(teff)
+    at_5500 = np.argmin(np.abs(wave - 5500.0))
+    assert corrected[:, at_5500] == pytest.approx(1.0, abs=2e-3)  # Planck and correction are 1 at 5500 A
+    ratio = corrected / plain
+    assert np.all(np.isfinite(ratio)) and 0.3 < ratio.min() and ratio.max() < 3.2  # at most a factor ~3
+    assert np.allclose(ratio[:, wave > 7500], ratio[:, [np.argmin(np.abs(wave - 7500))]], rtol=2e-3)  # flat beyond MILES

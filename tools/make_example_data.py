@@ -141,7 +141,7 @@ def make_sed_correction(shared: Path) -> dict[str, np.ndarray]:
     sim = np.concatenate([observe.apply_matrix(m, synth.synthesize(*lab[i:i + 64].T, alpha[i:i + 64]))
                           for i in range(0, len(lab), 64)])
     synth.USE_SED_CORRECTION = True
-    nodes_w = np.arange(3575.0, 7400.0, 50.0)
+    nodes_w = np.arange(3550.0, 7401.0, 50.0)  # includes 5500 A, where the ratio is set to 0
     def smooth(f: np.ndarray) -> np.ndarray:
         sm = median_filter(f, size=(1, 101), mode="nearest")
         return np.array([[np.median(row[np.abs(vac - w) < 25.0]) for w in nodes_w] for row in sm])
@@ -159,6 +159,10 @@ def make_sed_correction(shared: Path) -> dict[str, np.ndarray]:
     for i in range(nodes_t.size):  # nodes without stars take the nearest node's curve
         if not np.isfinite(corr[i, 0]):
             corr[i] = corr[good[np.argmin(np.abs(good - i))]]
+    # a continuum correction, not a spectrum: at most a factor 3 (the few M stars' blue ends are
+    # noisy), smoothed over neighbouring Teff nodes
+    corr = np.clip(corr, -0.5, 0.5)
+    corr = np.vstack([corr[:1], (corr[:-2] + 2 * corr[1:-1] + corr[2:]) / 4.0, corr[-1:]])
     del populations
     return {"sed_logteff": nodes_t, "sed_wave": nodes_w, "sed_logcorr": corr.astype(np.float32),
             "sed_nstars": np.array(int(ok.sum()))}

@@ -138,23 +138,6 @@ def calibration() -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- linear operators
 
 
-def shift_rows(flux: np.ndarray, shift_pix: np.ndarray) -> np.ndarray:
-    """Shift each row of ``flux`` (m, N) by ``shift_pix`` (m,) pixels towards larger index
-    (redshift for positive values), linear interpolation, edges held constant."""
-    m, n = flux.shape
-    out = np.empty_like(flux)
-    k = np.floor(shift_pix).astype(np.int64)
-    a = (shift_pix - k).astype(flux.dtype)
-    for i in range(m):
-        ki, ai = int(k[i]), a[i]
-        src = np.arange(n) - ki
-        j0 = np.clip(src, 0, n - 1)
-        j1 = np.clip(src - 1, 0, n - 1)
-        row = flux[i]
-        out[i] = row[j0] * (1 - ai) + row[j1] * ai
-    return out
-
-
 def _shift_int(src: np.ndarray, k: int, out: np.ndarray) -> None:
     """``out[:, j] = src[:, clip(j - k)]`` by slicing."""
     n = src.shape[1]
@@ -168,8 +151,9 @@ def _shift_int(src: np.ndarray, k: int, out: np.ndarray) -> None:
 
 
 def shift_rows_grouped(flux: np.ndarray, shift_pix: np.ndarray, group: int) -> np.ndarray:
-    """:func:`shift_rows` where consecutive blocks of ``group`` rows share one shift (a star and
-    its Jacobian rows)."""
+    """Shift each row of ``flux`` (m, N) by ``shift_pix`` pixels towards larger index (redshift for
+    positive values; linear interpolation, edges held constant). Consecutive blocks of ``group``
+    rows share one shift (a star and its Jacobian rows)."""
     m, n = flux.shape
     out = np.empty_like(flux)
     tmp = np.empty((group, n), dtype=flux.dtype)
@@ -582,7 +566,7 @@ class LamostModel(SurveyModel):
             resid = p.sky_resid[i] * g.standard_normal() * self.sky * np.median(f[i])
             fi = f[i] + noise + resid
             bad = _lamost_bad_pixels(g, self.badfrac, p.extra["u_ends"][i])
-            flagged = _runs(g, npix, 0.02, 40, 400) if g.random() < 0.02 else np.zeros(npix, bool)
+            flagged = _run(g, npix, 40, 400) if g.random() < 0.02 else np.zeros(npix, bool)
             bad |= flagged
             iv = 1.0 / var[i]
             iv[bad] = 0.0
@@ -594,7 +578,8 @@ class LamostModel(SurveyModel):
                         scale=scale, snr={"g": snr})
 
 
-def _runs(g: np.random.Generator, npix: int, rate_per_100: float, min_len: int, max_len: int) -> np.ndarray:
+def _run(g: np.random.Generator, npix: int, min_len: int, max_len: int) -> np.ndarray:
+    """One contiguous run of flagged pixels at a random place."""
     out = np.zeros(npix, dtype=bool)
     start = int(g.integers(0, npix))
     length = int(g.integers(min_len, max_len))

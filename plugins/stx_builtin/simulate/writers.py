@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .observe import C_KMS, LAMOST_COEFF0, LAMOST_COEFF1
+from .observe import LAMOST_COEFF0, LAMOST_COEFF1
 
 BLOCK = 2880
 
@@ -346,8 +346,3 @@ def desi_fibermap(targetid: np.ndarray, ra: np.ndarray, dec: np.ndarray, ebv: np
         "COADD_NUMNIGHT": np.ones(n, np.int16), "COADD_NUMTILE": np.ones(n, np.int16),
         "MEAN_FIBER_RA": ra, "MEAN_FIBER_DEC": dec, "MEAN_PSF_TO_FIBER_SPECFLUX": np.full(n, 0.78),
     }
-
-
-def rv_to_z(rv_kms: np.ndarray) -> np.ndarray:
-    beta = np.asarray(rv_kms) / C_KMS
-    return np.sqrt((1 + beta) / (1 - beta)) - 1.0
