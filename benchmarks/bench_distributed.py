@@ -37,6 +37,14 @@ def _peak_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and its finished children (user + system)."""
+    import resource
+
+    me, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+
+
 def child(mode: str, files: Path, out: Path, workers: int) -> dict[str, Any]:
     """One configuration, run in this (fresh) process; returns what it measured."""
     import os
@@ -50,9 +58,10 @@ def child(mode: str, files: Path, out: Path, workers: int) -> dict[str, Any]:
     res: dict[str, Any] = {"mode": mode, "workers": workers}
     t0 = time.perf_counter()
     if mode in ("single", "pool"):
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), _cpu_s()
         s = run_featurize([str(files)], out, workers=workers)
         res["run_s"] = time.perf_counter() - t1
+        res["cpu_s"] = _cpu_s() - c1  # pool: the workers are children, counted when they exit
         res["client_peak_mb"] = _peak_mb()
     else:
         import logging
@@ -68,24 +77,27 @@ def child(mode: str, files: Path, out: Path, workers: int) -> dict[str, Any]:
             combine["s"] += time.perf_counter() - t
 
         D._Combiner.add = timed_add  # type: ignore[method-assign]
-        from stxcli.store import StoreWriter
+        real_finish = D._finish
 
-        real_finish = StoreWriter.finish
-
-        def timed_finish(self: Any) -> str:  # the checksum pass over the combined store
+        def timed_finish(w: Any, *a: Any) -> str:  # the checksum pass over the combined store
             t = time.perf_counter()
-            out = real_finish(self)
+            out = real_finish(w, *a)
             combine["finish_s"] = time.perf_counter() - t
             return out
 
-        StoreWriter.finish = timed_finish  # type: ignore[method-assign]
+        D._finish = timed_finish  # type: ignore[assignment]
         cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                            dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR)
         client = distributed.Client(cluster)
         res["cluster_start_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        w1 = client.run(_cpu_s)
+        t1, c1 = time.perf_counter(), _cpu_s()
         s = run_featurize([str(files)], out, dask=client)
         res["run_s"] = time.perf_counter() - t1
+        c2, w2 = _cpu_s(), client.run(_cpu_s)
+        res["client_cpu_s"] = c2 - c1
+        res["cpu_s"] = res["client_cpu_s"] + sum(w2[k] - w1[k] for k in w1)
+        res["task_cpu_s"] = s["dask"]["task_cpu_seconds"]
         res["combine_s"] = combine["s"]
         res["finish_s"] = combine["finish_s"]
         res["task_s"] = s["dask"]["task_seconds"]
@@ -113,8 +125,10 @@ def run_child(mode: str, files: Path, out: Path, workers: int) -> dict[str, Any]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     out.unlink()
     res["spectra_per_s"] = res["n_spectra"] / res["run_s"]
+    res["cpu_ms_per_spectrum"] = 1e3 * res["cpu_s"] / res["n_spectra"]
     print(f"  {mode:6s} x{workers}: {res['n_files']:5d} files {res['n_spectra']:6d} spectra  "
           f"run {res['run_s']:6.2f} s  wall {res['wall_s']:6.2f} s  {res['spectra_per_s']:7.1f}/s  "
+          f"cpu {res['cpu_ms_per_spectrum']:6.1f} ms/spectrum  "
           f"client {res['client_peak_mb']:.0f} MB  worker {res.get('worker_peak_mb', 0):.0f} MB  "
           f"load {res['loadavg_1min']:.1f}", flush=True)
     return res
@@ -138,7 +152,9 @@ def configs(td: Path, files: Path, tag: str) -> dict[str, Any]:
 def derived(r: dict[str, Any]) -> dict[str, Any]:
     """Per-spectrum and per-file costs from a 2-worker Dask run."""
     return {"task_s_per_spectrum": r["task_s"] / r["n_spectra"],
+            "task_cpu_s_per_spectrum": r["task_cpu_s"] / r["n_spectra"],
             "task_s_per_file": r["task_s"] / r["n_files"],
+            "client_cpu_s_per_spectrum": r["client_cpu_s"] / r["n_spectra"],
             "combine_s_per_spectrum": r["combine_s"] / r["n_spectra"],
             "finish_s_per_spectrum": r["finish_s"] / r["n_spectra"],
             "store_bytes_per_spectrum": r["store_mb"] * 1e6 / r["n_spectra"],

@@ -196,6 +196,7 @@ class RunStats:
     computed: int = 0
     retried: int = 0
     seconds_in_tasks: float = 0.0
+    cpu_in_tasks: float = 0.0
     workers: int = 0
     task_info: list[dict[str, Any]] = field(default_factory=list)
 
@@ -264,6 +265,7 @@ def run_parts(client: Any, parts: Sequence[Part], task: Callable[..., dict[str, 
                 info = fut.result()
                 stats.task_info.append(info)
                 stats.seconds_in_tasks += float(info.get("seconds", 0.0))
+                stats.cpu_in_tasks += float(info.get("cpu_seconds", 0.0))
                 stats.computed += 1
                 finished[p.index] = True
                 bar.advance(unit_of(p))
@@ -334,7 +336,7 @@ def featurize_part(part: Part, job: FeaturizeJob, rv_lookup: dict[str, float] | 
     from .registry import get_registry, identify
     from .store import StoreWriter
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _maybe_fail(part, job)
     feat = _featurizer_for(job)
     reg = get_registry()
@@ -360,6 +362,7 @@ def featurize_part(part: Part, job: FeaturizeJob, rv_lookup: dict[str, float] | 
         finally:
             w.close()
     return {"index": part.index, "n": n, "files": len(part.files), "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
             "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
@@ -547,7 +550,8 @@ def featurize_on_dask(dask: "str | DaskTarget | Any", paths: list[Path], output:
             "dask": {"scheduler": address, "workers": stats.workers, "partitions": stats.partitions,
                      "files_per_partition": per_part, "reused": stats.reused, "computed": stats.computed,
                      "workers_used": len({i["worker"] for i in stats.task_info}),
-                     "retried": stats.retried, "task_seconds": round(stats.seconds_in_tasks, 3)}}
+                     "retried": stats.retried, "task_seconds": round(stats.seconds_in_tasks, 3),
+                     "task_cpu_seconds": round(stats.cpu_in_tasks, 3)}}
 
 
 # ------------------------------------------------------------------------------------ predict
@@ -594,7 +598,7 @@ def predict_part(part: Part, job: PredictJob) -> dict[str, Any]:
     from .io import atomic_file
     from .predict import file_chunks, predict_chunk
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _maybe_fail(part, job)
     model, feat = _model_for(job)
     arrays: dict[str, np.ndarray] = {}
@@ -614,7 +618,8 @@ def predict_part(part: Part, job: PredictJob) -> dict[str, Any]:
         with open(tmp, "wb") as fh:
             np.savez(fh, __meta__=np.array(json.dumps(meta)), **arrays)
     return {"index": part.index, "n": int(sum(sizes)), "files": len(part.files),
-            "seconds": time.perf_counter() - t0, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+            "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0, "worker": f"{socket.gethostname()}:{os.getpid()}"}
 
 
 def _npz_meta(path: str | Path) -> dict[str, Any] | None:
@@ -722,4 +727,5 @@ def predict_on_dask(dask: "str | DaskTarget | Any", model_path: str | Path, inpu
             "dask": {"scheduler": address, "workers": stats.workers, "partitions": stats.partitions,
                      "files_per_partition": per_part, "reused": stats.reused, "computed": stats.computed,
                      "workers_used": len({i["worker"] for i in stats.task_info}),
-                     "retried": stats.retried, "task_seconds": round(stats.seconds_in_tasks, 3)}}
+                     "retried": stats.retried, "task_seconds": round(stats.seconds_in_tasks, 3),
+                     "task_cpu_seconds": round(stats.cpu_in_tasks, 3)}}
