@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
@@ -128,7 +127,7 @@ def make_sed_correction(shared: Path) -> dict[str, np.ndarray]:
     resolution) per Teff node, on 50 A wavelength nodes, 0 at 5500 A."""
     from scipy.ndimage import median_filter
 
-    from stx_builtin.simulate import observe, populations, synth
+    from stx_builtin.simulate import observe, synth
     from stxcli.spectra import air_to_vacuum
 
     rows = _miles_table(shared)
@@ -163,7 +162,6 @@ def make_sed_correction(shared: Path) -> dict[str, np.ndarray]:
     # noisy), smoothed over neighbouring Teff nodes
     corr = np.clip(corr, -0.5, 0.5)
     corr = np.vstack([corr[:1], (corr[:-2] + 2 * corr[1:-1] + corr[2:]) / 4.0, corr[-1:]])
-    del populations
     return {"sed_logteff": nodes_t, "sed_wave": nodes_w, "sed_logcorr": corr.astype(np.float32),
             "sed_nstars": np.array(int(ok.sum()))}
 

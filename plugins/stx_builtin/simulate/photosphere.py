@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .atoms import CHI_H_LEVEL, DONORS, ELEMENTS, HE_H
+from .atoms import DONORS, ELEMENTS, HE_H
 
 K_B = 1.380649e-16  # erg / K
 M_H = 1.6735e-24  # g

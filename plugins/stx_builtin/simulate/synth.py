@@ -4,7 +4,7 @@ Model
 -----
 On a vacuum log-lambda grid (3550-10000 A, step 2e-5 dex, 13.8 km/s per pixel) the flux is::
 
-    F = B_lambda(Teff) * (R_CORE + (1 - R_CORE) * exp(-tau_s) * (1 - A(tau_l; r)))
+    F = B_lambda(Teff) C(lambda, Teff) * (R_CORE + (1 - R_CORE) * exp(-tau_s) * (1 - A(tau_l; r)))
     tau_l = W_l(labels) @ T_l          (metal lines)
     tau_s = W_s(labels) @ T_s          (smooth opacity: wings, hydrogen, molecules, haze)
 
@@ -26,17 +26,23 @@ one-point photosphere (:mod:`.photosphere`). Both products are plain matrix mult
   metal-rich lines stop growing and metal-poor lines fade linearly. ``b`` includes thermal
   broadening and a gravity-dependent microturbulence.
 * **damping wings** of strong lines (Mg b, Na D, Ca II H&K and the triplet, the strongest Fe I):
-  Lorentzian far wings whose width follows van der Waals broadening (``~ Pg f_HI T^0.3``) and a
-  Stark term (``~ n_e``), so they grow with gravity;
+  Lorentzian far wings whose width follows van der Waals broadening (``~ sqrt(Pg f_HI) T^0.3``,
+  the square root being calibrated) and a Stark term (``~ n_e``), so they grow with gravity;
 * **hydrogen**: Balmer and Paschen series (n <= 30) with Doppler cores and linear-Stark far wings
-  (``~ n_e lambda^-5/2`` Holtsmark wings), populations ``n^2 10**(-theta chi_n) f_HI`` evaluated
+  (``~ n_e lambda^-5/2`` Holtsmark wings) and resonance wings, populations ``n^2 10**(-theta chi_n) f_HI`` evaluated
   in a deeper layer (T = Teff), and the Balmer bound-free continuum below 3647 A: the Balmer
   lines peak near 9000-10000 K where hydrogen ionisation and H bound-free opacity take over;
 * **molecules**: TiO bands (heads degrading to the red, dissociation equilibrium
-  ``~ A_Ti A_O Pg 10**(D0 theta) T^-1.5``) and the CH G band; both with a fixed pseudo-random
-  rotational fine structure;
-* a smooth **blue line haze** (the many weak lines the list leaves out, below 4500 A), scaled
-  like the neutral iron-peak lines.
+  ``~ A_Ti A_O sqrt(Pg) 10**(D0 theta) T^-1.5``) and the CH G band (carbon partly locked in CO in
+  cool stars); both with a fixed pseudo-random rotational fine structure;
+* a smooth **blue line haze** (the many weak lines the list leaves out, below 4200 A), scaled
+  like the neutral iron-peak lines and saturating (HAZE_MAX);
+* the **continuum** ``B_lambda C``: Planck times an empirical correction measured on MILES stars
+  (:func:`continuum`), evaluated on 50 A nodes.
+
+The C_* / GAMMA_* constants below were set once by comparing Lick-like indices and continuum-
+normalised spectra with MILES stars of known labels and with the LAMOST DR1 spectra
+(docs/simulator.md); they are not fitted per star.
 
 Not modelled: a temperature structure (one layer), NLTE, rotation, chromospheric emission,
 isotopes beyond the list's solar mix, CN/MgH/CaH bands, convective shifts.
