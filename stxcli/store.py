@@ -429,3 +429,31 @@ def _copy_rows(src: Any, w: StoreWriter, chunk_rows: int = 8192) -> None:
         for key, ds in src[group].items():
             v = ds[:]
             w._append(f"{group}/{key}", _as_str_array(v) if ds.dtype.kind in ("O", "S") else v)
+
+
+def subset_store(path: str | Path, rows: np.ndarray, out: str | Path) -> str:
+    """Write the given rows (sorted, unique) of a store into a new store ``out`` (atomic),
+    keeping the featurizer identity, labels, metadata and quality; return its checksum."""
+    from .io import atomic_file
+
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    with FeatureStore.open(path) as st, atomic_file(out) as tmp:
+        if rows.size == 0 or rows[0] < 0 or rows[-1] >= st.n:
+            raise StxError(f"{path}: row selection out of range (store has {st.n} rows)")
+        w = StoreWriter(tmp, featurizer_name=st.featurizer_name, featurizer_version=st.featurizer_version,
+                        featurizer_config=st.featurizer_config, dim=st.dim, axis=st.axis)
+        try:
+            for name in ("features", "ivar"):
+                ds = w.f[name]
+                ds.resize(rows.size, axis=0)
+                ds[:] = st.f[name][:][rows]
+            w._append("ids", st.ids[rows])
+            for group in ("meta", "quality"):
+                for key, values in st._group(group).items():
+                    w._append(f"{group}/{key}", values[rows])
+            w.set_inputs(st.inputs)
+            w.set_labels({n: st.f["labels"][n][:][rows] for n in st.label_names},
+                         {"subset_of": str(path), "n_rows": int(rows.size)})
+            return w.finish()
+        finally:
+            w.close()

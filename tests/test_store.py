@@ -92,3 +92,20 @@ def test_not_a_store(tmp_path):
         FeatureStore.open(tmp_path / "t.h5")
     with pytest.raises(StxError, match="no such"):
         FeatureStore.open(tmp_path / "missing.h5")
+
+
+def test_subset(tmp_path):
+    from stxcli.store import subset_store
+
+    f, iv, ids, labels = _arrays(20)
+    write_store_arrays(tmp_path / "a.h5", f, iv, ids, labels, featurizer_config={"x": 1},
+                       quality={"snr": np.arange(20, dtype=np.float32)})
+    subset_store(tmp_path / "a.h5", np.array([7, 2, 2, 11]), tmp_path / "s.h5")
+    with FeatureStore.open(tmp_path / "s.h5") as st, FeatureStore.open(tmp_path / "a.h5") as a:
+        assert list(st.ids) == ["s2", "s7", "s11"]
+        np.testing.assert_array_equal(st.read()["features"], f[[2, 7, 11]])
+        np.testing.assert_array_equal(st.quality["snr"], [2, 7, 11])
+        np.testing.assert_array_equal(st.labels(["teff"])[:, 0], labels["teff"][[2, 7, 11]])
+        assert st.featurizer_key == a.featurizer_key
+    with pytest.raises(StxError, match="out of range"):
+        subset_store(tmp_path / "a.h5", np.array([25]), tmp_path / "t.h5")
