@@ -4,8 +4,8 @@ A run is a list of *units* (LAMOST-like: up to ``chunk`` one-star files; DESI-li
 of up to ``per_file`` spectra). Each unit is a pure function of the configuration and its star
 indices: labels and observation parameters come from counter-based random numbers
 (:mod:`.rng`), noise from per-star generators seeded by (seed, star index). Units run in worker
-processes (``spawn``, one BLAS thread each) and write their files directly into the run's
-temporary directory; the main process only gathers the per-star truth rows, then writes
+processes (forked after the templates are built, so they share them; one BLAS thread each) and
+write their files directly into the run's temporary directory; the main process only gathers the per-star truth rows, then writes
 ``truth.fits``, ``labels.fits`` and ``simulation.json`` and renames the directory into place
 (:func:`stxcli.io.atomic_dir`). The same seed gives bit-identical files for any ``--workers``.
 """
@@ -138,6 +138,16 @@ def run_unit(cfg: SimConfig, unit: int, start: int, stop: int, out_dir: str,
     """Simulate stars ``start .. stop - 1`` and write their file(s) into ``out_dir``; return the
     per-star truth columns. With ``lib`` (the library rows of this unit) the spectra are the
     library's, observed through the same model."""
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: workers do not oversubscribe the cores, and every unit computes the same
+    # bytes whether it runs in this process or in a worker
+    with threadpool_limits(limits=1):
+        return _run_unit(cfg, unit, start, stop, out_dir, lib)
+
+
+def _run_unit(cfg: SimConfig, unit: int, start: int, stop: int, out_dir: str,
+              lib: "library_mod.Library | None") -> dict[str, np.ndarray]:
     model = get_model(cfg.survey) if lib is None else library_mod.library_model(cfg.survey, lib)
     spectra_dir = Path(out_dir) / "spectra"
     parts: list[dict[str, Any]] = []
@@ -286,10 +296,6 @@ def _write_desi(cfg: SimConfig, model: observe.SurveyModel, parts: list[dict[str
 # ------------------------------------------------------------------------------------ a run
 
 
-def _worker_init() -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
 def run(cfg: SimConfig, out_dir: Path, *, workers: int = 1, progress: Callable[[int], None] | None = None,
         lib: "library_mod.Library | None" = None, extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Simulate ``cfg`` (or observe the library ``lib``) into ``out_dir`` (created atomically).
@@ -324,23 +330,17 @@ def _map_units(cfg: SimConfig, plan: list[tuple[int, int, int]], tmp: str, worke
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    for k in saved:
-        os.environ[k] = "1"  # spawned workers inherit: one BLAS thread per process
-    try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as ex:
-            futures = [ex.submit(run_unit, cfg, u, s, e, tmp, sub(s, e)) for u, s, e in plan]
-            for fut, (_, s, e) in zip(futures, plan):
-                r = fut.result()
-                if progress:
-                    progress(e - s)
-                yield r
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    if lib is None:  # built once here; forked workers share them
+        synth.build_templates()
+        get_model(cfg.survey)
+    ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
+        futures = [ex.submit(run_unit, cfg, u, s, e, tmp, sub(s, e)) for u, s, e in plan]
+        for fut, (_, s, e) in zip(futures, plan):
+            r = fut.result()
+            if progress:
+                progress(e - s)
+            yield r
 
 
 #: Typical uncertainties of a stellar library's compiled labels (MILES: Cenarro et al. 2007).
