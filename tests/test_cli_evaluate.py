@@ -277,3 +277,12 @@ def test_real_lamost_catalog_as_truth(shared, tmp_path, capsys):
     snrg = np.array([float(r["snrg"]) for r in rows])
     assert [b["n"] for b in rep["snr_bins"]] == [int((snrg < 40).sum()), int((snrg >= 40).sum())]
     assert rep["inputs"]["snr_source"] == "truth column 'snrg'"
+
+
+def test_no_plots_writes_report_only(setup, capsys):
+    d, pred, truth, tmp = setup
+    out = tmp / "rep"
+    assert main(["evaluate", str(pred), str(truth), "-o", str(out), "--no-plots", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]
+    assert printed["plots"] == [] and printed["overall"] == json.loads((out / "report.json").read_text())["overall"]

@@ -198,17 +198,19 @@ def _check_output(path: Path) -> None:
         raise StxError(f"{path}: exists, is not empty and is not an stx evaluate report; choose another -o")
 
 
-def write_report(ev: Evaluation, out: Path) -> dict[str, Any]:
+def write_report(ev: Evaluation, out: Path, plots: bool = True) -> dict[str, Any]:
     import json
 
     from ..io import atomic_dir
-    from ..plots import write_plots
 
     report = ev.report
     with atomic_dir(out) as tmp:
-        plots, notes = write_plots(tmp, ev.pred, ev.truth, ev.labels, ev.snr)
-        report["plots"] = plots
-        report["notes"] = report["notes"] + notes
+        report["plots"] = []
+        if plots:
+            from ..plots import write_plots
+
+            report["plots"], notes = write_plots(tmp, ev.pred, ev.truth, ev.labels, ev.snr)
+            report["notes"] = report["notes"] + notes
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     return report
 
@@ -228,6 +230,7 @@ def register(app: typer.Typer) -> None:
         snr_column: str | None = typer.Option(None, "--snr-column", help="SNR column, looked up in PRED then "
                                               "TRUTH [default: snr, bins skipped when absent]."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+        no_plots: bool = typer.Option(False, "--no-plots", help="Write report.json only (no PNG plots; faster)."),
     ) -> None:
         """Compare predictions with true labels: MAE, bias, robust scatter, 1/2-sigma calibration,
         overall, for [Fe/H] < -1 and >= -1 and per SNR bin; scatter / Cramer-Rao bound when TRUTH has
@@ -245,14 +248,14 @@ def register(app: typer.Typer) -> None:
         _check_output(output)
         ev = evaluate(pred, truth, id_column=id_column, pred_id_column=pred_id_column, labels=label_list,
                       snr_column=snr_column, snr_edges=edges)
-        report = write_report(ev, output)
+        report = write_report(ev, output, plots=not no_plots)
         if json_out:
             console.print_json(report)
         else:
             print_table(report)
             for note in report["notes"]:
                 console.info(f"note: {note}")
-            console.info(f"report written to {output}/ (report.json, {', '.join(report['plots'])})")
+            console.info(f"report written to {output}/ ({', '.join(['report.json', *report['plots']])})")
 
 
 __all__ = ["evaluate", "join_ids", "id_strings", "read_table", "register", "write_report"]
