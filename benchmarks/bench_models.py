@@ -93,7 +93,7 @@ def bare_inference(x, hidden: list[int], n_labels: int, chunk: int) -> float:
 
     from stxcli.model import make_head
 
-    net = make_head("mlp", {"hidden": hidden}).build(x.shape[1], n_labels).eval()
+    net = make_head("mlp", {"hidden": hidden, "dropout": 0.0}).build(x.shape[1], n_labels).eval()
     t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, x.shape[0], chunk):
@@ -132,7 +132,7 @@ def main() -> None:
     # -- pretrain: stx loop (rows cached in memory, as they fit) vs bare loop on the same rows
     opts = TrainOptions(epochs=args.epochs, patience=args.epochs + 1, threads=args.threads, seed=0)
     t0 = time.perf_counter()
-    s = pretrain([store], tmp / "model", head_config={"hidden": hidden}, opts=opts)
+    s = pretrain([store], tmp / "model", head_config={"hidden": hidden, "dropout": 0.0}, opts=opts)
     t_pretrain_total = time.perf_counter() - t0
     import json
 

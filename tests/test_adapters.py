@@ -64,7 +64,7 @@ def test_full_layer_decay_groups():
     assert all(p.requires_grad for p in model.parameters())
     groups = full.param_groups(model)
     scales = {g["lr_scale"]: sum(p.numel() for p in g["params"]) for g in groups}
-    # depth keys: hidden.0 (12*16+16), hidden.2 (16*8+8), out (8*6+6), twice (two members)
+    # depth keys: layers.0 (12*16+16), layers.1 (16*8+8), out (8*6+6), twice (two members)
     assert scales == {0.25: 2 * (12 * 16 + 16), 0.5: 2 * (16 * 8 + 8), 1.0: 2 * (8 * 6 + 6)}
     assert sum(scales.values()) == sum(p.numel() for p in model.parameters())
     with pytest.raises(UsageError):

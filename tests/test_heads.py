@@ -147,3 +147,15 @@ def test_ensemble_combination_by_hand():
     m, v = combine_members(mean, logvar)
     assert float(m) == 2.0
     assert math.isclose(float(v), (0.5 + 1.5) / 2 + 1.0, rel_tol=1e-6)  # aleatoric + spread (ddof 0)
+
+
+def test_ridge_without_penalty_on_collinear_features():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(80, 5)).astype(np.float32)
+    x = np.concatenate([x, x[:, :2]], 1)  # two duplicated columns: the Gram matrix is singular
+    y = (x[:, :5] @ rng.normal(size=(5, 1)) + 1.0).astype(np.float32)
+    head = make_head("ridge", {"alphas": [0.0]})
+    net = head.build(7, 1)
+    head.fit(net, _Data(x, y))
+    pred = net(torch.from_numpy(x))[0][0, :, 0].detach().numpy()
+    np.testing.assert_allclose(pred, y[:, 0], atol=1e-3)  # exact fit, as least squares gives

@@ -114,13 +114,13 @@ def test_save_load_round_trip_exact(tmp_path):
 
 def test_target_module_matching():
     base = _base(ensemble=2)
-    lora = make_adapter("lora", {"target_modules": "members\\.1\\.hidden\\..*"})
+    lora = make_adapter("lora", {"target_modules": "members\\.1\\.layers\\..*"})
     lora.attach(base)
-    assert lora.adapter_config()["target_modules"] == ["members.1.hidden.0", "members.1.hidden.2"]
-    lora2 = make_adapter("lora", {"target_modules": "hidden.2,out"})
+    assert lora.adapter_config()["target_modules"] == ["members.1.layers.0", "members.1.layers.1"]
+    lora2 = make_adapter("lora", {"target_modules": "layers.1,out"})
     lora2.attach(_base(ensemble=2))
-    assert lora2.adapter_config()["target_modules"] == ["members.0.hidden.2", "members.0.out",
-                                                        "members.1.hidden.2", "members.1.out"]
+    assert lora2.adapter_config()["target_modules"] == ["members.0.layers.1", "members.0.out",
+                                                        "members.1.layers.1", "members.1.out"]
     with pytest.raises(UsageError, match="match no linear layer"):
         make_adapter("lora", {"target_modules": ["attention"]}).attach(_base())
     with pytest.raises(UsageError):

@@ -6,7 +6,7 @@ Config (``--set key=value`` on ``stx finetune --adapter lora``):
 * ``r``: rank (default 4); ``lora_alpha``: scale numerator (default 8, i.e. scaling alpha/r = 2);
 * ``lora_dropout``: dropout on the LoRA branch's input (default 0);
 * ``target_modules``: which linear layers: ``all`` (default), a list of module names or name
-  suffixes (``out`` = every member's output layer, ``hidden.0`` = every first layer), or a
+  suffixes (``out`` = every member's output layer, ``layers.0`` = every first layer), or a
   regular expression matched against the full module name (peft's rules).
 
 ``B`` starts at zero, so the untrained adapter equals the base. Saved apart from the base as

@@ -20,22 +20,24 @@ def bound_logvar(raw: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 class MLPMember(nn.Module):
-    """One MLP: ``hidden`` (Linear, activation[, Dropout]) blocks, then ``out`` -> 2L values."""
+    """One MLP: ``layers`` (each Linear, then the activation and dropout), then ``out`` -> 2L
+    values. Linear layers have stable names (``layers.0``, ``layers.1``, ``out``) whatever the
+    dropout, so adapters can target them by name."""
 
     def __init__(self, in_dim: int, hidden: list[int], n_labels: int, activation: str, dropout: float) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        d = in_dim
-        for h in hidden:
-            layers.append(nn.Linear(d, h))
-            layers.append(ACTIVATIONS[activation]())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            d = h
-        self.hidden = nn.Sequential(*layers)
-        self.out = nn.Linear(d, 2 * n_labels)
+        dims = [in_dim, *hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.act = ACTIVATIONS[activation]()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.out = nn.Linear(dims[-1], 2 * n_labels)
         nn.init.zeros_(self.out.bias)
-        self.width = d
+        self.width = dims[-1]
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = self.drop(self.act(layer(x)))
+        return x
 
 
 class MLPNet(nn.Module):

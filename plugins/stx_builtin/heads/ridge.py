@@ -109,27 +109,38 @@ def normal_equations(chunks: Any, n_labels: int) -> dict[str, Any]:
 
 
 def solve_ridge(stats: dict[str, Any], alphas: list[float]) -> np.ndarray:
-    """Coefficients ``(n_alpha, L, D + 1)`` (the last column is the intercept)."""
-    from scipy.linalg import LinAlgError, cho_factor, cho_solve, lstsq
+    """Coefficients ``(n_alpha, L, D + 1)`` (the last column is the intercept).
+
+    The intercept is removed by centring (weighted means from the accumulated sums); labels
+    known on the same rows share one centred Gram matrix, so each alpha costs one Cholesky
+    factorisation (torch, float64) per group of labels."""
+    import torch
 
     g_all, g_extra, b, sw = stats["g_all"], stats["g_extra"], stats["b"], stats["sw"]
     L, d1 = b.shape
-    pen = np.ones(d1)
-    pen[-1] = 0.0
+    d = d1 - 1
     out = np.zeros((len(alphas), L, d1))
     groups: dict[int, list[int]] = {}
-    for l in range(L):  # labels sharing a Gram matrix and a weight sum are solved together
-        key = -1 if l not in g_extra else l
-        groups.setdefault(key, []).append(l)
+    for l in range(L):  # labels known on the same rows share a Gram matrix and a weight sum
+        groups.setdefault(-1 if l not in g_extra else l, []).append(l)
     for key, labels in groups.items():
         g = g_all if key == -1 else g_all + g_extra[key]
+        wsum = g[d, d]
+        mx = g[:d, d] / wsum
+        gc = torch.from_numpy(g[:d, :d] - wsum * np.outer(mx, mx))
+        my = b[labels, d] / wsum  # (n,)
+        rhs = torch.from_numpy((b[labels, :d] - wsum * my[:, None] * mx[None, :]).T.copy())  # (d, n)
+        eye = torch.eye(d, dtype=torch.float64)
         for ia, alpha in enumerate(alphas):
-            for l in labels:  # the penalty scales with the label's weight sum
-                a = g + np.diag(alpha * sw[l] * pen)
-                try:
-                    out[ia, l] = cho_solve(cho_factor(a, check_finite=False), b[l], check_finite=False)
-                except LinAlgError:  # singular without penalty (alpha = 0, collinear features)
-                    out[ia, l] = lstsq(a, b[l], check_finite=False)[0]
+            a = gc + (alpha * wsum) * eye
+            chol, info = torch.linalg.cholesky_ex(a)
+            if int(info) == 0:
+                beta = torch.cholesky_solve(rhs, chol).numpy()
+            else:  # singular (alpha = 0 with collinear features): the minimum-norm solution
+                beta = torch.linalg.lstsq(a, rhs, driver="gelsd").solution.numpy()
+            for j, l in enumerate(labels):
+                out[ia, l, :d] = beta[:, j]
+                out[ia, l, d] = my[j] - mx @ beta[:, j]
     return out
 
 
