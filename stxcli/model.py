@@ -120,6 +120,15 @@ def combine_members(mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Ten
     return m, var
 
 
+def combine_members_np(mean: np.ndarray, logvar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`combine_members` in numpy (float64), for predicted batches."""
+    mean = mean.astype(np.float64)
+    var = np.exp(logvar.astype(np.float64)).mean(0)
+    if mean.shape[0] > 1:
+        var = var + mean.var(0)
+    return mean.mean(0), var
+
+
 # --------------------------------------------------------------------------------- the network
 
 
@@ -206,30 +215,32 @@ class DomainModel:
     def _on(self, device: Any) -> dict[str, Any]:
         key = str(device)
         if self._dev.get("device") != key:
-            comp = torch.as_tensor(self.components, device=device)
-            c = torch.as_tensor(self.center, device=device)
-            self._dev = {"device": key, "a": torch.cat([comp, c[None]], 0).contiguous(),
-                         "cc": c @ comp.T, "c2": float(c.double().pow(2).sum()),
-                         "ev": torch.as_tensor(self.eigvals, device=device)}
+            comp = np.asarray(self.components, np.float64)
+            c = np.asarray(self.center, np.float64)
+            a = np.concatenate([self.components, self.center[None]], 0).astype(np.float32)
+            self._dev = {"device": key, "a": torch.as_tensor(a, device=device).contiguous(),
+                         "cc": c @ comp.T, "c2": float(c @ c), "ev": np.asarray(self.eigvals, np.float64)}
         return self._dev
 
-    def scores(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d2, resid) per row of ``z``, reading ``z`` twice and writing nothing of its size:
-        ``|z - c|^2 = z.z - 2 z.c + c.c`` and the projections come from one matrix product."""
+    def scores(self, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(d2, resid) per row of ``z``. The two passes over ``z`` run in torch (one skinny matrix
+        product gives the projections and z.c; ``|z - c|^2 = z.z - 2 z.c + c.c``); the rest,
+        a few numbers per row, in numpy (float64), which costs nothing next to thread
+        synchronisation of many small torch operations on a busy machine."""
         t = self._on(z.device)
         k = t["ev"].shape[0]
-        q = torch.nn.functional.linear(z, t["a"])  # (B, k + 1): projections of z, and z.c
+        q = torch.nn.functional.linear(z, t["a"]).cpu().numpy().astype(np.float64)  # (B, k + 1)
+        zz = torch.linalg.vector_norm(z, dim=1).cpu().numpy().astype(np.float64) ** 2
         p = q[:, :k] - t["cc"]
-        dd = torch.linalg.vector_norm(z, dim=1).square() - 2 * q[:, k] + t["c2"]
-        d2 = (p * p / t["ev"]).mean(1)
-        resid = (dd - (p * p).sum(1)).clamp_min(0) / z.shape[1]
+        pp = p * p
+        d2 = (pp / t["ev"]).mean(1)
+        resid = np.maximum(zz - 2 * q[:, k] + t["c2"] - pp.sum(1), 0.0) / z.shape[1]
         return d2, resid
 
     def scores_np(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d2, r = self.scores(torch.from_numpy(np.ascontiguousarray(z, np.float32)))
-        return d2.numpy(), r.numpy()
+        return self.scores(torch.from_numpy(np.ascontiguousarray(z, np.float32)))
 
-    def outside(self, z: torch.Tensor) -> torch.Tensor:
+    def outside(self, z: torch.Tensor) -> np.ndarray:
         d2, r = self.scores(z)
         return (d2 > self.d2_max) | (r > self.resid_max)
 
@@ -380,28 +391,31 @@ class LoadedModel:
 
     @torch.no_grad()
     def predict(self, x: np.ndarray, device: str = "cpu") -> dict[str, np.ndarray]:
-        """Features (B, D) -> physical ``value`` and ``err`` (B, L) and ``out_of_domain`` (B,)."""
+        """Features (B, D) -> physical ``value`` and ``err`` (B, L) and ``out_of_domain`` (B,).
+
+        The batch-sized work (standardisation into a reused buffer, the networks, the domain
+        projections) runs in torch; the few numbers per star after it in numpy."""
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-        L = len(self.specs)
-        mean = torch.empty((xt.shape[0], L), device=device)
-        var = torch.empty_like(mean)
+        n, L = xt.shape[0], len(self.specs)
         buf = self._zbuf
-        if buf is None or buf.shape[0] < xt.shape[0] or buf.shape[1] != xt.shape[1] or buf.device != xt.device:
+        if buf is None or buf.shape[0] < n or buf.shape[1] != xt.shape[1] or buf.device != xt.device:
             buf = self._zbuf = torch.empty(xt.shape, device=xt.device)
         # every net of one model shares the base's feature standardisation: standardise once
-        z = self.nets[0].standardize(xt, out=buf[: xt.shape[0]])
+        z = self.nets[0].standardize(xt, out=buf[:n])
+        mean = np.empty((n, L))
+        var = np.empty((n, L))
         for i, net in enumerate(self.nets):
             cols = [j for j in range(L) if self.label_net[j] == i]
             if not cols:
                 continue
             mu, lv = net.head(z)
-            m, v = combine_members(mu, lv)
+            m, v = combine_members_np(mu.cpu().numpy(), lv.cpu().numpy())
             mean[:, cols], var[:, cols] = m[:, cols], v[:, cols]
-        ood = torch.ones(xt.shape[0], dtype=torch.bool, device=device)
+        ood = np.ones(n, dtype=bool)
         for dm in self.domains:
             ood &= dm.outside(z)
-        value, err = decode_labels(self.specs, mean.cpu().numpy(), var.cpu().numpy())
-        return {"value": value, "err": err, "out_of_domain": ood.cpu().numpy()}
+        value, err = decode_labels(self.specs, mean, var)
+        return {"value": value, "err": err, "out_of_domain": ood}
 
 
 def load_model(path: Any, *, merge: bool = True) -> LoadedModel:
