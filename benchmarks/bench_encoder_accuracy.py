@@ -37,8 +37,14 @@ from _common import SHARED, write  # noqa: E402
 LABELS = ("teff", "logg", "feh")
 
 
-def stx(*args: object) -> dict:
-    """Run the real CLI (`python -m` of the console script's module) and parse its --json output."""
+CACHE: Path | None = None
+
+
+def stx(*args: object, key: str | None = None) -> dict:
+    """Run the real CLI (the console script's entry function) and parse its --json output. With
+    ``key``, the summary is kept in WORK/key.json and a rerun skips the command (resume)."""
+    if key and CACHE and (CACHE / f"{key}.json").exists():
+        return json.loads((CACHE / f"{key}.json").read_text())
     cmd = [sys.executable, "-c", "from stxcli.cli.main import run; run()", *[str(a) for a in args]]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -47,7 +53,10 @@ def stx(*args: object) -> dict:
     print(f"  stx {args[0]} {args[1] if len(args) > 1 else ''}: {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
     out = res.stdout.strip()
-    return json.loads(out) if out.startswith(("{", "[")) else {}
+    summary = json.loads(out) if out.startswith(("{", "[")) else {}
+    if key and CACHE:
+        (CACHE / f"{key}.json").write_text(json.dumps(summary))
+    return summary
 
 
 def file_list(folder: Path, out: Path) -> Path:
@@ -88,13 +97,12 @@ def truth_csv(store: Path, out: Path) -> Path:
 
 
 def metrics(report: dict) -> dict:
-    out = {"n": report.get("n_stars"), "overall": {}, "feh<-1": {}, "feh>=-1": {}}
-    for lab in LABELS:
-        out["overall"][lab] = _pick(report["overall"][lab])
-        for sub in report.get("feh_split") or []:
-            name = sub.get("name")
-            if name in ("feh<-1", "feh>=-1"):
-                out[name][lab] = _pick(sub["metrics"][lab]) | {"n_stars": sub.get("n")}
+    """Per label MAE / bias / robust scatter: overall and per [Fe/H] regime (split on the truth)."""
+    split = report.get("feh_split") or {}
+    out = {"n": report.get("n_stars")}
+    for name, sub in (("overall", report["overall"]), ("feh<-1", split.get("feh<-1")),
+                      ("feh>=-1", split.get("feh>=-1"))):
+        out[name] = {lab: _pick((sub or {}).get(lab)) for lab in LABELS}
     return out
 
 
@@ -117,8 +125,10 @@ def main() -> None:
     ap.add_argument("--target-id-column", default="file")
     ap.add_argument("--target-match-by", default="file")
     args = ap.parse_args()
+    global CACHE
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
+    CACHE = w
     t_start = time.perf_counter()
 
     src_raw, tgt_raw = w / "source_raw.h5", w / "target_raw.h5"
@@ -138,22 +148,27 @@ def main() -> None:
     if enc is None:
         enc = w / "encoder"
         extra = ["--width", "64", "--epochs", "2"] if args.quick else ["--epochs", args.encoder_epochs]
-        enc_summary = stx("encoder", "train", src_raw, "-o", enc, *extra, "--seed", args.seed, "--json")
+        enc_summary = stx("encoder", "train", src_raw, "-o", enc, *extra, "--seed", args.seed, "--json",
+                          key="encoder_train")
     info = stx("encoder", "info", enc, "--json")
     for name in ("source", "ft", "test"):
-        stx("encoder", "embed", w / f"{name}_raw.h5", "--encoder", enc, "-o", w / f"{name}_emb.h5", "--json")
+        stx("encoder", "embed", w / f"{name}_raw.h5", "--encoder", enc, "-o", w / f"{name}_emb.h5", "--json",
+            key=f"embed_{name}")
 
     results: dict = {}
     for kind in ("raw", "emb"):
         base = w / f"base_{kind}"
         pre = stx("pretrain", w / f"source_{kind}.h5", "-o", base, "--labels", ",".join(LABELS),
-                  "--seed", args.seed, "--json")
-        stx("predict", base, w / f"test_{kind}.h5", "-o", w / f"zs_{kind}.fits", "--json")
-        zs = stx("evaluate", w / f"zs_{kind}.fits", truth, "-o", w / f"zs_{kind}_report", "--json")
+                  "--seed", args.seed, "--json", key=f"pretrain_{kind}")
+        stx("predict", base, w / f"test_{kind}.h5", "-o", w / f"zs_{kind}.fits", "--json", key=f"predict_zs_{kind}")
+        zs = stx("evaluate", w / f"zs_{kind}.fits", truth, "-o", w / f"zs_{kind}_report", "--json",
+                 key=f"evaluate_zs_{kind}")
         ft = stx("finetune", base, w / f"ft_{kind}.h5", "--adapter", args.adapter, "-o", w / f"ft_{kind}",
-                 "--seed", args.seed, "--json")
-        stx("predict", w / f"ft_{kind}", w / f"test_{kind}.h5", "-o", w / f"ft_{kind}.fits", "--json")
-        fr = stx("evaluate", w / f"ft_{kind}.fits", truth, "-o", w / f"ft_{kind}_report", "--json")
+                 "--seed", args.seed, "--json", key=f"finetune_{kind}_{args.adapter}")
+        stx("predict", w / f"ft_{kind}", w / f"test_{kind}.h5", "-o", w / f"ft_{kind}.fits", "--json",
+            key=f"predict_ft_{kind}_{args.adapter}")
+        fr = stx("evaluate", w / f"ft_{kind}.fits", truth, "-o", w / f"ft_{kind}_report", "--json",
+                 key=f"evaluate_ft_{kind}_{args.adapter}")
         results[kind] = {"pretrain": {k: pre.get(k) for k in ("n_train", "n_val", "trainable_params", "n_params")
                                       if k in pre},
                          "zero_shot": metrics(zs),
