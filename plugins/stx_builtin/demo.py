@@ -31,6 +31,8 @@ STRATEGIES = ("zero-shot", "residual", "lora", "full", "auto", "scratch-mlp", "r
 SUBSETS = (("all", "all"), ("feh<-1", "[Fe/H]<-1"), ("feh>=-1", "[Fe/H]>=-1"))
 
 
+#: Teff range of the simulated LAMOST-like pre-training stars; MILES stars outside are not tested.
+TEFF_RANGE = (3500, 7500)
 #: MLP widths: the paper's scale is larger; this keeps the demo within minutes on 2 CPU cores.
 HIDDEN = "256,128"
 #: (command, seconds) of every stx command the demo ran, for the time report.
@@ -66,6 +68,7 @@ class Demo:
         self.quick = quick
         self.seed = seed
         self.rows: list[dict[str, Any]] = []
+        self.notes: set[str] = set()
         self.timings: dict[str, float] = {}
 
     def log(self, msg: str) -> None:
@@ -108,17 +111,23 @@ class Demo:
         return stores
 
     def split_miles(self, stores: dict[str, dict[str, Path]]) -> None:
-        """Real MILES stars: half for fine-tuning, half for testing (alternate rows)."""
+        """Real MILES stars inside the pre-training domain (TEFF_RANGE, as the simulated
+        LAMOST-like set): half for fine-tuning, half for testing (alternate rows)."""
         import numpy as np
 
         from stxcli.store import FeatureStore, subset_store
 
         for feat, d in stores.items():
             with FeatureStore.open(d["miles_desi"]) as st:
-                n = st.n
-            rows = np.arange(n)
-            subset_store(d["miles_desi"], rows[0::2], self.work / "features" / f"miles_ft-{feat}.h5")
-            subset_store(d["miles_desi"], rows[1::2], self.work / "features" / f"miles_test-{feat}.h5")
+                teff = st.labels(["teff"])[:, 0]
+            rows = np.flatnonzero((teff >= TEFF_RANGE[0]) & (teff <= TEFF_RANGE[1]))
+            self.notes.add(f"MILES block: {rows.size} of {teff.size} stars with {TEFF_RANGE[0]} <= Teff <= "
+                           f"{TEFF_RANGE[1]} K (the pre-training domain); hotter and cooler stars left out")
+            # quick: two thirds fine-tune (the split needs >= 15 stars), else alternate halves
+            test = np.zeros(rows.size, bool)
+            test[2::3 if self.quick else 2] = True
+            subset_store(d["miles_desi"], rows[~test], self.work / "features" / f"miles_ft-{feat}.h5")
+            subset_store(d["miles_desi"], rows[test], self.work / "features" / f"miles_test-{feat}.h5")
             d["miles_ft"] = self.work / "features" / f"miles_ft-{feat}.h5"
             d["miles_test"] = self.work / "features" / f"miles_test-{feat}.h5"
 
@@ -176,7 +185,8 @@ class Demo:
         for cmd, sec in STEP_TIMES:
             steps[cmd] = round(steps.get(cmd, 0.0) + sec, 2)
         self.timings.update({f"all {k}": v for k, v in steps.items()})
-        result = {"quick": self.quick, "seed": self.seed, "workdir": str(self.work), "rows": self.rows,
+        result = {"quick": self.quick, "seed": self.seed, "workdir": str(self.work), "notes": sorted(self.notes),
+                  "rows": self.rows,
                   "timings": self.timings, "total_s": time.perf_counter() - t_all}
         return result
 
@@ -312,5 +322,7 @@ def register_commands(app: typer.Typer) -> None:
             console.print_json(result)
         else:
             print_tables(result)
+            for note in result["notes"]:
+                console.out().print(f"note: {note}")
             console.out().print(f"wrote {workdir / 'demo.json'}, {workdir / 'demo_mae.png'} and per-model "
                                 f"reports under {workdir / 'models'} ({result['total_s']:.0f} s)")
