@@ -35,6 +35,9 @@ SUBSETS = (("all", "all"), ("feh<-1", "[Fe/H]<-1"), ("feh>=-1", "[Fe/H]>=-1"))
 TEFF_RANGE = (3500, 7500)
 #: MLP widths: the paper's scale is larger; this keeps the demo within minutes on 2 CPU cores.
 HIDDEN = "256,128"
+#: Small models train fastest on one thread, and a second OpenMP thread spinning on a busy core
+#: made fine-tuning ~3x slower on a shared 2-core machine.
+THREADS = ["--threads", "1"]
 #: (command, seconds) of every stx command the demo ran, for the time report.
 STEP_TIMES: list[tuple[str, float]] = []
 
@@ -97,7 +100,7 @@ class Demo:
             stores["raw"][key] = fdir / f"{key}-raw.h5"
         self.log("train the spectral transformer encoder on the LAMOST-like raw features")
         enc = self.work / "encoder"
-        epochs = 2 if self.quick else 6
+        epochs = 1 if self.quick else 6
         stx(["encoder", "train", stores["raw"]["lamost"], "-o", enc, "--epochs", epochs, "--seed", self.seed,
              "--width", 64, "--depth", 2, "--heads", 4])
         stores["transformer"] = {}
@@ -134,8 +137,8 @@ class Demo:
     def block(self, name: str, feat: str, base: Path, ft: Path, test: Path, truth: Path,
               val_frac: float = 0.2) -> None:
         m = self.work / "models" / name / feat
-        ep = ["--epochs", 15 if self.quick else 60, "--seed", self.seed, "--val-frac", val_frac]
-        ft_ep = ["--epochs", 15 if self.quick else 80, "--seed", self.seed, "--val-frac", val_frac]
+        ep = ["--epochs", 10 if self.quick else 60, "--seed", self.seed, "--val-frac", val_frac, *THREADS]
+        ft_ep = ["--epochs", 10 if self.quick else 80, "--seed", self.seed, "--val-frac", val_frac, *THREADS]
         runs: list[tuple[str, Path, dict[str, Any]]] = [("zero-shot", base, {"n_target": 0, "trainable": 0,
                                                                              "train_s": 0.0})]
         for adapter in ("residual", "lora", "full", "auto"):
@@ -149,11 +152,12 @@ class Demo:
         runs.append(("scratch-mlp", m / "scratch", _train_info(s, time.perf_counter() - t0)))
         self.log(f"{name}/{feat}: ridge on the target stars")
         t0 = time.perf_counter()
-        s = stx(["pretrain", ft, "--head", "ridge", "-o", m / "ridge", "--seed", self.seed, "--val-frac", val_frac])
+        s = stx(["pretrain", ft, "--head", "ridge", "-o", m / "ridge", "--seed", self.seed, "--val-frac", val_frac,
+                 *THREADS])
         runs.append(("ridge", m / "ridge", _train_info(s, time.perf_counter() - t0)))
         for strategy, model, info in runs:
             pred = m / f"pred-{strategy}.fits"
-            stx(["predict", model, test, "-o", pred])
+            stx(["predict", model, test, "-o", pred, *THREADS])
             plots = [] if strategy in ("zero-shot", "auto") else ["--no-plots"]  # plots cost ~2 s each
             rep = stx(["evaluate", pred, truth, "-o", m / f"report-{strategy}", *plots])
             self.rows.append({"block": name, "features": feat, "strategy": strategy, **info,
@@ -174,7 +178,7 @@ class Demo:
             self.log(f"pretrain the MLP on LAMOST-like {feat} features")
             t0 = time.perf_counter()
             stx(["pretrain", d["lamost"], "-o", base, "--epochs", 20 if self.quick else 60, "--seed", self.seed,
-                 "--set", f"hidden={HIDDEN}"])
+                 "--set", f"hidden={HIDDEN}", *THREADS])
             self.timings[f"pretrain-{feat}"] = time.perf_counter() - t0
             self.block("desi-sim", feat, base, d["desi_finetune"], d["desi_test"],
                        sets["desi_test"] / "truth.fits")
