@@ -45,3 +45,17 @@ def test_minimal_plugin_example_works(tmp_path, monkeypatch, fresh_registry):
     batch.validate()
     assert batch.n == 1 and batch.meta.ids[0] == "star"
     sys.modules.pop("stx_hello", None)
+
+
+def test_docs_build_strict(tmp_path):
+    """The documentation builds with mkdocs in strict mode (broken links and nav entries fail)."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("mkdocs")
+    res = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "site" / "index.html").exists()
