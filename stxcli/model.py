@@ -364,7 +364,8 @@ def attach_saved_adapter(mdir: ModelDir, base: StxNet, folder: str = "") -> tupl
         adapter.load_state_dict(head, state)
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{mdir.path / folder / ADAPTER_WEIGHTS}: adapter weights do not fit the base ({first})") from exc
+        where = mdir.path / folder / ADAPTER_WEIGHTS
+        raise ModelFileError(f"{where}: adapter weights do not fit the base ({first})") from exc
     return adapter, head
 
 

@@ -10,7 +10,8 @@ a few numbers per row). Every output is written atomically.
 Output columns (lower case): id, survey, source_file, source_row, targetid / obsid where the
 inputs carry them, ra, dec, for each label L: L and L_err (TUNIT K or dex), snr, flags (int32,
 :mod:`stxcli.flags`: the featurizer's LOW_SNR, HEAVY_MASK, ... plus OUT_OF_DOMAIN and
-OUT_OF_LABEL_RANGE: a label more than 1 sigma beyond the training range). Header: MODEL, MODELSHA (manifest sha256), STXVER, and the flag bits.
+OUT_OF_LABEL_RANGE: a label more than 1 sigma beyond the training range). Header: MODEL,
+MODELSHA (manifest sha256), STXVER, and the flag bits.
 """
 
 from __future__ import annotations

@@ -604,7 +604,11 @@ def _clip(params: list[Any], max_norm: float) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    total = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: one foreach kernel
+    if total is not None:
+        norm = total(grads)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     if float(norm) > max_norm:
         coef = max_norm / (float(norm) + 1e-6)
         for g in grads:

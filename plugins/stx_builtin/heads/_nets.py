@@ -56,15 +56,18 @@ class MLPNet(nn.Module):
         L = self.n_labels
         return o[..., :L], bound_logvar(o[..., L:], self.logvar_min, self.logvar_max)
 
+    @staticmethod
+    def _stack(outs: list[torch.Tensor]) -> torch.Tensor:
+        return outs[0].unsqueeze(0) if len(outs) == 1 else torch.stack(outs)  # no copy for K = 1
+
     def forward_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hs = [m.hidden(x) for m in self.members]
-        o = torch.stack([m.out(h) for m, h in zip(self.members, hs)])
+        o = self._stack([m.out(h) for m, h in zip(self.members, hs)])
         mean, logvar = self._split(o)
-        return mean, logvar, torch.cat(hs, dim=1)
+        return mean, logvar, hs[0] if len(hs) == 1 else torch.cat(hs, dim=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        o = torch.stack([m.out(m.hidden(x)) for m in self.members])
-        return self._split(o)
+        return self._split(self._stack([m.out(m.hidden(x)) for m in self.members]))
 
 
 class RidgeNet(nn.Module):

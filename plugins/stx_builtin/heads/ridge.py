@@ -116,7 +116,7 @@ def solve_ridge(stats: dict[str, Any], alphas: list[float]) -> np.ndarray:
     factorisation (torch, float64) per group of labels."""
     import torch
 
-    g_all, g_extra, b, sw = stats["g_all"], stats["g_extra"], stats["b"], stats["sw"]
+    g_all, g_extra, b = stats["g_all"], stats["g_extra"], stats["b"]
     L, d1 = b.shape
     d = d1 - 1
     out = np.zeros((len(alphas), L, d1))
