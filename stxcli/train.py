@@ -892,6 +892,11 @@ def finetune(base_path: str | Path, target: str | Path, out: str | Path, *, adap
     sel = None
     if not scratch:
         sel = make_adapter(adapter, adapter_config)
+        cand_cfg = getattr(sel, "candidate_config", {}) or {}
+        for c in getattr(sel, "candidates", []) or []:  # a bad candidate fails now, not after hours
+            if c == sel.name:
+                raise UsageError(f"adapter {sel.name}: cannot be its own candidate")
+            make_adapter(c, cand_cfg.get(c))
     device = setup_torch(opts)
     sources = open_stores([target])
     try:
@@ -954,8 +959,6 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
     candidates = list(getattr(sel, "candidates", []) or [])
     selector = bool(candidates)
     if selector:
-        if sel.name in candidates:
-            raise UsageError(f"adapter {sel.name}: cannot be its own candidate")
         runs = {c: _train_adapter(make_adapter(c, (getattr(sel, "candidate_config", {}) or {}).get(c)),
                                   base_net, prep, opts, device) for c in candidates}
         metric = getattr(sel, "metric", "mae")

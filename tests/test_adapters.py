@@ -180,3 +180,13 @@ def test_documented_plugin_examples_work(domains, tmp_path, monkeypatch):
     assert s["trainable_params"] == 3  # the three biases of the linear layer
     _, p = _mae(tmp_path / "bit", d)
     assert np.isfinite(p["value"]).all()
+
+
+def test_auto_candidates_checked_before_training(domains, tmp_path):
+    with pytest.raises(PluginError, match="no adapter named 'nope'"):
+        finetune(domains / "base", domains / "tgt.h5", tmp_path / "o", adapter="auto",
+                 adapter_config={"candidates": "residual,nope"})
+    with pytest.raises(UsageError, match="own candidate"):
+        finetune(domains / "base", domains / "tgt.h5", tmp_path / "o", adapter="auto",
+                 adapter_config={"candidates": "auto"})
+    assert not (tmp_path / "o").exists()
