@@ -178,3 +178,21 @@ def test_domain_model_flags_outliers():
     d2, resid = dm.scores_np(zz)
     np.testing.assert_allclose(d2, (p * p / dm.eigvals).mean(1), rtol=1e-4)
     np.testing.assert_allclose(resid, ((dz * dz).sum(1) - (p * p).sum(1)) / 50, rtol=1e-3)
+
+
+def test_standardised_rows_cached_and_streamed_agree():
+    f, iv, _, lab = synth(300, d=6)
+    src = ArraySource(f, lab, iv * np.linspace(0.5, 2, 6, dtype=np.float32))
+    mask = np.ones(300, bool)
+    mean, scale = f.mean(0), (1 / f.std(0)).astype(np.float32)
+    got = {}
+    for cache in (True, False):
+        b = Batches(RowSet([src], [mask], [np.zeros((300, 1), np.float32)], 64, True), cache=cache)
+        b.standardize(mean, scale)
+        xs, ivs = zip(*[(x, v) for x, v, _, _ in b.chunks()])
+        got[cache] = (np.concatenate(xs), np.concatenate(ivs))
+        with pytest.raises(RuntimeError):
+            b.standardize(mean, scale)  # never twice
+    for x, v in got.values():
+        np.testing.assert_allclose(x, (f - mean) * scale, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(v, src.iv / scale**2, rtol=1e-5)  # sigma scales with the feature
