@@ -177,7 +177,7 @@ def main() -> None:
     # The big inputs are the throughput runs; the 10x-smaller ones are run with 2 Dask workers only.
     lam_small, lam_big = (20, 200) if args.quick else (60, 600)
     desi_rows = 200
-    desi_small, desi_big = (1, 10)
+    desi_small, desi_big, desi_huge = 1, 10, 40
     lamost = sorted(LAMOST.glob("*.fits.gz"))
     with tempfile.TemporaryDirectory() as td:
         td = Path(td)
@@ -185,11 +185,17 @@ def main() -> None:
         lam_runs = configs(td, file_list(td, "lam_big", lamost[:lam_big]), "lam")
         lam_small_run = run_child("dask", file_list(td, "lam_small", lamost[:lam_small]), td / "ls.h5", 2)
         print(f"DESI coadds, {desi_rows} spectra per file", flush=True)
-        coadds = [make_coadd(td / f"c{i:03d}.fits", desi_rows, id_offset=i) for i in range(desi_big)]
-        desi_runs = configs(td, file_list(td, "desi_big", coadds), "desi")
+        coadds = [make_coadd(td / f"c{i:03d}.fits", desi_rows, id_offset=i)
+                  for i in range(desi_big if args.quick else desi_huge)]
+        desi_runs = configs(td, file_list(td, "desi_big", coadds[:desi_big]), "desi")
         desi_small_run = run_child("dask", file_list(td, "desi_small", coadds[:desi_small]), td / "ds.h5", 2)
+        # a third point, 4x further: the client's slabs reach their cap at 1024 rows
+        desi_huge_run = (None if args.quick else
+                         run_child("dask", file_list(td, "desi_huge", coadds), td / "dh.h5", 2))
     mem = {"lamost": {"small": lam_small_run, "big": lam_runs["dask2"]},
            "desi": {"small": desi_small_run, "big": desi_runs["dask2"]}}
+    if desi_huge_run is not None:
+        mem["desi_40x"] = {"small": desi_small_run, "big": desi_huge_run}
     for v in mem.values():
         v["input_ratio"] = v["big"]["n_spectra"] / v["small"]["n_spectra"]
         v["client_peak_ratio"] = v["big"]["client_peak_mb"] / v["small"]["client_peak_mb"]

@@ -302,6 +302,7 @@ class FeaturizeJob:
     chunk_size: int
     parts_dir: str
     fail_once: tuple[int, ...] = ()
+    cwd: str = ""
 
 
 _local = threading.local()
@@ -358,6 +359,23 @@ def _featurizer_for(job: FeaturizeJob) -> Any:
     return feat
 
 
+def _opened_path(given: str, cwd: str) -> Path:
+    """The file a worker opens: a relative input path is relative to the client's working folder
+    (a remote worker runs elsewhere; the folder must be visible at the same path)."""
+    p = Path(given)
+    return p if p.is_absolute() or not cwd else Path(cwd) / p
+
+
+def _as_given(values: Any, opened: Path, given: str) -> np.ndarray:
+    """Readers record the path they opened as ``source_file``; put back the path the user gave, as
+    the single-process run records it."""
+    v = np.asarray(values)
+    if str(opened) == given:
+        return v
+    v = v.astype(str)
+    return np.where(v == str(opened), given, v)
+
+
 def _maybe_fail(part: Part, job: "FeaturizeJob | PredictJob") -> None:
     if part.index in job.fail_once:
         marker = Path(job.parts_dir) / f".failed-once-{part.index}"
@@ -383,12 +401,13 @@ def featurize_part(part: Part, job: FeaturizeJob, rv_lookup: dict[str, float] | 
         try:
             inputs, notes = [], set()
             for f in part.files:
-                p = Path(f)
+                p = _opened_path(f, job.cwd)
                 reader = identify(p, reg, job.format).name
                 start = w.n
                 # the reader is known now: passing its name skips a second probe of the file
                 for fb in featurize_file(p, feat, format=reader, chunk_size=job.chunk_size,
                                          rv_lookup=rv_lookup):
+                    fb.meta.source_file = _as_given(fb.meta.source_file, p, f)
                     w.append(fb)
                     notes.update(fb.notes)
                 inputs.append({"path": f, "sha256": sha256_file(p), "reader": reader, "rows": [start, w.n]})
@@ -538,10 +557,10 @@ def featurize_on_dask(dask: "str | DaskTarget | Any", paths: list[Path], output:
     fkey = featurizer_key(feat.name, feat.version, fconfig)
     job_key = json.dumps({"featurizer": fkey, **job_opts}, sort_keys=True, default=str)
     per_part = partition_files or files_per_part(len(paths))
-    pdir = parts_dir_for(output)
+    pdir = parts_dir_for(output.absolute())  # the workers write there, from their own folders
     parts = make_parts(paths, per_part, pdir, job_key)
     fail_once = tuple(int(x) for x in os.environ.get(FAIL_ONCE_ENV, "").split(",") if x.strip())
-    job = FeaturizeJob(feat.name, feat.version, fconfig, format, chunk_size, str(pdir), fail_once)
+    job = FeaturizeJob(feat.name, feat.version, fconfig, format, chunk_size, str(pdir), fail_once, os.getcwd())
 
     with connect(dask) as client:
         pdir.mkdir(parents=True, exist_ok=True)
@@ -606,6 +625,7 @@ class PredictJob:
     device: str
     parts_dir: str
     fail_once: tuple[int, ...] = ()
+    cwd: str = ""
 
 
 def _model_for(job: PredictJob) -> tuple[Any, Any]:
@@ -642,14 +662,19 @@ def predict_part(part: Part, job: PredictJob) -> dict[str, Any]:
     model, feat = _model_for(job)
     arrays: dict[str, np.ndarray] = {}
     sizes: list[int] = []
-    for ch in file_chunks([Path(f) for f in part.files], feat, job.format, job.chunk_rows):
-        if ch.features.shape[1] != model.input_dim:
-            raise ModelFileError(f"features have {ch.features.shape[1]} columns, model expects {model.input_dim}")
-        cols = {**ch.columns, **predict_chunk(model, ch, job.device)}
-        for k, v in cols.items():
-            v = np.asarray(v)
-            arrays[f"c{len(sizes):06d}.{k}"] = v.astype(str) if v.dtype.kind == "O" else v
-        sizes.append(len(ch.snr))
+    for f in part.files:
+        p = _opened_path(f, job.cwd)
+        for ch in file_chunks([p], feat, job.format, job.chunk_rows):  # chunk by chunk, as one process does
+            if ch.features.shape[1] != model.input_dim:
+                raise ModelFileError(f"features have {ch.features.shape[1]} columns, model expects "
+                                     f"{model.input_dim}")
+            if "source_file" in ch.columns:
+                ch.columns["source_file"] = _as_given(ch.columns["source_file"], p, f)
+            cols = {**ch.columns, **predict_chunk(model, ch, job.device)}
+            for k, v in cols.items():
+                v = np.asarray(v)
+                arrays[f"c{len(sizes):06d}.{k}"] = v.astype(str) if v.dtype.kind == "O" else v
+            sizes.append(len(ch.snr))
     meta = {"part_key": part.key, "chunks": [[int(m), [k.split(".", 1)[1] for k in arrays
                                                       if k.startswith(f"c{i:06d}.")]]
                                              for i, m in enumerate(sizes)]}
@@ -713,11 +738,11 @@ def predict_on_dask(dask: "str | DaskTarget | Any", model_path: str | Path, inpu
     job_key = json.dumps({"model": model.mdir.manifest_sha256, "format": format, "chunk": chunk_rows},
                          sort_keys=True)
     per_part = partition_files or files_per_part(len(files))
-    pdir = parts_dir_for(output)
+    pdir = parts_dir_for(output.absolute())
     parts = make_parts(files, per_part, pdir, job_key, suffix=".npz")
     fail_once = tuple(int(x) for x in os.environ.get(FAIL_ONCE_ENV, "").split(",") if x.strip())
     job = PredictJob(str(Path(model_path).resolve()), model.mdir.manifest_sha256, format, chunk_rows, device,
-                     str(pdir), fail_once)
+                     str(pdir), fail_once, os.getcwd())
     units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}
     counts: dict[str, int] = {}
     t0 = time.perf_counter()
