@@ -15,7 +15,7 @@ Config (``stx finetune --adapter peft-lora --set key=value``):
 
 * ``r`` (default 4), ``lora_alpha`` (default 8), ``lora_dropout`` (default 0);
 * ``target_modules``: ``all`` (default: every ``nn.Linear`` of the head), else passed to peft
-  as it is: a list of module names / name suffixes (``out,hidden.0``) or a regular expression
+  as it is: a list of module names / name suffixes (``out,layers.0``) or a regular expression
   matched against the full module name (peft's rules).
 
 peft (and the transformers it imports, ~10 s) is imported inside the methods only, so

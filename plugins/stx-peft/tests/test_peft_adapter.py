@@ -115,15 +115,15 @@ def test_target_modules_follow_peft_rules():
     ad = _adapter("peft-lora", target_modules=["out"])  # a list: exact names or name suffixes
     ad.attach(copy.deepcopy(base))
     assert sorted(ad.adapter_config()["target_modules"]) == ["out"]
-    pm = _adapter("peft-lora", target_modules=r"members\.1\.hidden\.[02]").attach(copy.deepcopy(base))
+    pm = _adapter("peft-lora", target_modules=r"members\.1\.layers\.[01]").attach(copy.deepcopy(base))
     adapted = sorted({n.split(".lora_")[0] for n, p in pm.named_parameters() if p.requires_grad})
-    assert adapted == ["base_model.model.members.1.hidden.0", "base_model.model.members.1.hidden.2"]
+    assert adapted == ["base_model.model.members.1.layers.0", "base_model.model.members.1.layers.1"]
     from stxcli.errors import UsageError
 
     with pytest.raises(UsageError, match="target_modules"):
         _adapter("peft-lora", target_modules="nothing_like_this").attach(copy.deepcopy(base))
-    with pytest.raises(UsageError, match="not supported"):  # hidden.1 is the activation
-        _adapter("peft-lora", target_modules=r"members\.1\.hidden\.\d").attach(copy.deepcopy(base))
+    with pytest.raises(UsageError, match="not supported"):  # act is the activation, not a layer
+        _adapter("peft-lora", target_modules=r"members\.1\.(layers\.0|act)").attach(copy.deepcopy(base))
     with pytest.raises(UsageError, match="r must be"):
         _adapter("peft-lora", r=0)
 
