@@ -159,3 +159,33 @@ def test_ridge_without_penalty_on_collinear_features():
     head.fit(net, _Data(x, y))
     pred = net(torch.from_numpy(x))[0][0, :, 0].detach().numpy()
     np.testing.assert_allclose(pred, y[:, 0], atol=1e-3)  # exact fit, as least squares gives
+
+
+def test_ridge_svd_path_equals_normal_equations():
+    """Few stars (n < D) take the SVD path; it must equal the D x D Cholesky solution, with
+    weights, missing labels and alpha = 0 (minimum norm) included."""
+    from stx_builtin.heads.ridge import normal_equations, solve_ridge
+
+    rng = np.random.default_rng(5)
+    n, d = 40, 60
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x @ rng.normal(size=(d, 2)) + rng.normal(0, 0.1, (n, 2))).astype(np.float64)
+    y[::7, 1] = np.nan
+    w = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    chunks = [(x[:25], y[:25], w[:25]), (x[25:], y[25:], w[25:])]
+    stats = normal_equations(iter(chunks), 2)
+    assert stats["rows"] is not None
+    alphas = [0.0, 0.01, 1.0]
+    svd = solve_ridge(stats, alphas)
+    chol = solve_ridge({**stats, "rows": None}, [0.01, 1.0])
+    np.testing.assert_allclose(svd[1:], chol, rtol=1e-4, atol=1e-4)  # the Gram sums are float32 products
+    # alpha = 0 with n < D: the minimum-norm interpolant, as numpy's lstsq on centred data
+    ok = np.isfinite(y[:, 0])
+    sw = np.sqrt(w[ok].astype(np.float64))
+    mx = (w[ok, None] * x[ok]).sum(0) / w[ok].sum()
+    my = (w[ok] * y[ok, 0]).sum() / w[ok].sum()
+    ref = np.linalg.lstsq(sw[:, None] * (x[ok] - mx), sw * (y[ok, 0] - my), rcond=None)[0]
+    np.testing.assert_allclose(svd[0, 0, :d], ref, rtol=1e-6, atol=1e-8)
+    # many stars: no rows kept, the Gram path is used
+    big = normal_equations(iter([(np.tile(x, (2, 1)), np.tile(y, (2, 1)), np.tile(w, 2))]), 2)
+    assert big["rows"] is None

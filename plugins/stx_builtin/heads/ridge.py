@@ -79,13 +79,18 @@ def normal_equations(chunks: Any, n_labels: int) -> dict[str, Any]:
     g_extra: dict[int, np.ndarray] = {}
     b = None
     sw = np.zeros(n_labels)
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = []
+    n_rows = 0
     for x, y, w in chunks:
         x = np.asarray(x, np.float32)
         n, d = x.shape
+        n_rows += n
+        w = np.asarray(w, np.float32)
+        if rows is not None:  # kept while fewer rows than features: the SVD path is then cheaper
+            rows = rows + [(x.copy(), np.asarray(y, np.float64).copy(), w.copy())] if n_rows < d else None
         xa = np.empty((n, d + 1), np.float32)
         xa[:, :d], xa[:, d] = x, 1.0
         m = np.isfinite(y)
-        w = np.asarray(w, np.float32)
         if g_all is None:
             g_all = np.zeros((d + 1, d + 1))
             b = np.zeros((n_labels, d + 1))
@@ -105,7 +110,7 @@ def normal_equations(chunks: Any, n_labels: int) -> dict[str, Any]:
         raise StxError("ridge: no training rows")
     if (sw <= 0).any():
         raise StxError("ridge: a label has no training value")
-    return {"g_all": g_all, "g_extra": g_extra, "b": b, "sw": sw}
+    return {"g_all": g_all, "g_extra": g_extra, "b": b, "sw": sw, "rows": rows}
 
 
 def solve_ridge(stats: dict[str, Any], alphas: list[float]) -> np.ndarray:
@@ -114,6 +119,8 @@ def solve_ridge(stats: dict[str, Any], alphas: list[float]) -> np.ndarray:
     The intercept is removed by centring (weighted means from the accumulated sums); labels
     known on the same rows share one centred Gram matrix, so each alpha costs one Cholesky
     factorisation (torch, float64) per group of labels."""
+    if stats.get("rows"):
+        return _solve_ridge_svd(stats["rows"], stats["b"].shape[0], alphas)
     import torch
 
     g_all, g_extra, b = stats["g_all"], stats["g_extra"], stats["b"]
@@ -141,6 +148,41 @@ def solve_ridge(stats: dict[str, Any], alphas: list[float]) -> np.ndarray:
             for j, l in enumerate(labels):
                 out[ia, l, :d] = beta[:, j]
                 out[ia, l, d] = my[j] - mx @ beta[:, j]
+    return out
+
+
+def _solve_ridge_svd(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_labels: int,
+                     alphas: list[float]) -> np.ndarray:
+    """The same solution as the centred normal equations, from a thin SVD of the (weighted,
+    centred) training rows: O(n^2 d) once per label instead of a D x D Cholesky per alpha, for
+    the common few-stars case (n < D). Zero singular values get zero weight (the minimum-norm
+    solution, as ``lstsq`` gives for alpha = 0)."""
+    import torch
+
+    x = np.concatenate([r[0] for r in rows]).astype(np.float64)
+    y = np.concatenate([r[1] for r in rows])
+    w = np.concatenate([r[2] for r in rows]).astype(np.float64)
+    d = x.shape[1]
+    out = np.zeros((len(alphas), n_labels, d + 1))
+    for l in range(n_labels):
+        ok = np.isfinite(y[:, l])
+        wl = w[ok]
+        wsum = wl.sum()
+        mx = (wl[:, None] * x[ok]).sum(0) / wsum
+        my = float((wl * y[ok, l]).sum() / wsum)
+        sq = np.sqrt(wl)
+        xc = sq[:, None] * (x[ok] - mx)
+        yc = sq * (y[ok, l] - my)
+        # torch's LAPACK: several times faster than numpy's on this wide matrix here
+        u, sv, vt = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(xc), full_matrices=False))
+        uty = u.T @ yc
+        keep = sv > sv.max(initial=0.0) * max(xc.shape) * np.finfo(np.float64).eps
+        for ia, alpha in enumerate(alphas):
+            f = np.zeros_like(sv)
+            f[keep] = sv[keep] / (sv[keep] ** 2 + alpha * wsum)
+            beta = vt.T @ (f * uty)
+            out[ia, l, :d] = beta
+            out[ia, l, d] = my - mx @ beta
     return out
 
 
