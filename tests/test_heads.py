@@ -180,12 +180,13 @@ def test_ridge_svd_path_equals_normal_equations():
     chol = solve_ridge({**stats, "rows": None}, [0.01, 1.0])
     np.testing.assert_allclose(svd[1:], chol, rtol=1e-4, atol=1e-4)  # the Gram sums are float32 products
     # alpha = 0 with n < D: the minimum-norm interpolant, as numpy's lstsq on centred data
-    ok = np.isfinite(y[:, 0])
-    sw = np.sqrt(w[ok].astype(np.float64))
-    mx = (w[ok, None] * x[ok]).sum(0) / w[ok].sum()
-    my = (w[ok] * y[ok, 0]).sum() / w[ok].sum()
-    ref = np.linalg.lstsq(sw[:, None] * (x[ok] - mx), sw * (y[ok, 0] - my), rcond=None)[0]
-    np.testing.assert_allclose(svd[0, 0, :d], ref, rtol=1e-6, atol=1e-8)
+    # (the Gram path's float32 sums are off by O(1) here; the SVD path is exact)
+    xd, wd = x.astype(np.float64), w.astype(np.float64)
+    sw = np.sqrt(wd)
+    mx = (wd[:, None] * xd).sum(0) / wd.sum()
+    my = (wd * y[:, 0]).sum() / wd.sum()
+    ref = np.linalg.lstsq(sw[:, None] * (xd - mx), sw * (y[:, 0] - my), rcond=None)[0]
+    np.testing.assert_allclose(svd[0, 0, :d], ref, rtol=1e-9, atol=1e-10)
     # many stars: no rows kept, the Gram path is used
     big = normal_equations(iter([(np.tile(x, (2, 1)), np.tile(y, (2, 1)), np.tile(w, 2))]), 2)
     assert big["rows"] is None
