@@ -149,6 +149,49 @@ def configs(td: Path, files: Path, tag: str) -> dict[str, Any]:
     return runs
 
 
+def combine_alone(td: Path, total: int = 12800, dim: int = 3535) -> dict[str, Any]:
+    """The client's per-spectrum cost of appending parts of 200, 1,600 and 6,400 rows to the
+    output and of the final checksum pass, measured alone (synthetic features; no workers)."""
+    import h5py
+    import numpy as np
+
+    from stxcli import distributed as D
+    from stxcli.protocols import FeatureBatch
+    from stxcli.spectra import SpectrumMeta
+    from stxcli.store import StoreWriter, _copy_rows
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"spectra": total, "dim": dim}
+    for rows in (200, 1600, 6400):
+        parts = []
+        for k in range(total // rows):
+            meta = SpectrumMeta.empty(rows, "test", f"f{k}.fits")
+            meta.extra["targetid"] = np.arange(rows, dtype=np.int64)
+            w = StoreWriter(td / f"part{k}.h5", featurizer_name="t", featurizer_version="0",
+                            featurizer_config={}, dim=dim)
+            w.append(FeatureBatch(rng.random((rows, dim), dtype=np.float32), np.ones((rows, dim), np.float32),
+                                  {"snr": np.ones(rows, np.float32), "flags": np.zeros(rows, np.int32)}, meta))
+            w.finish()
+            parts.append(td / f"part{k}.h5")
+        w = StoreWriter(td / "combined.h5", featurizer_name="t", featurizer_version="0", featurizer_config={},
+                        dim=dim)
+        t0 = time.perf_counter()
+        for p in parts:
+            with h5py.File(p, "r") as src:
+                _copy_rows(src, w, chunk_rows=D.SLAB_ROWS)
+        t1 = time.perf_counter()
+        D._finish(w)
+        t2 = time.perf_counter()
+        out[f"parts_of_{rows}"] = {"append_ms_per_spectrum": 1e3 * (t1 - t0) / total,
+                                   "checksum_ms_per_spectrum": 1e3 * (t2 - t1) / total}
+        for p in parts:
+            p.unlink()
+        (td / "combined.h5").unlink()
+        print(f"  combine alone, parts of {rows:5d} rows: append {out[f'parts_of_{rows}']['append_ms_per_spectrum']:.3f}"
+              f" ms, checksum {out[f'parts_of_{rows}']['checksum_ms_per_spectrum']:.3f} ms per spectrum", flush=True)
+    return out
+
+
 def derived(r: dict[str, Any]) -> dict[str, Any]:
     """Per-spectrum and per-file costs from a 2-worker Dask run."""
     return {"task_s_per_spectrum": r["task_s"] / r["n_spectra"],
@@ -192,6 +235,8 @@ def main() -> None:
         # a third point, 4x further: the client's slabs reach their cap at 1024 rows
         desi_huge_run = (None if args.quick else
                          run_child("dask", file_list(td, "desi_huge", coadds), td / "dh.h5", 2))
+        print("client-side combine alone", flush=True)
+        combine = combine_alone(td)
     mem = {"lamost": {"small": lam_small_run, "big": lam_runs["dask2"]},
            "desi": {"small": desi_small_run, "big": desi_runs["dask2"]}}
     if desi_huge_run is not None:
@@ -204,6 +249,7 @@ def main() -> None:
         "throughput": {"lamost_1_per_file": lam_runs, "desi_200_per_file": desi_runs},
         "costs": {"lamost": derived(lam_runs["dask2"]), "desi": derived(desi_runs["dask2"])},
         "memory_10x": mem,
+        "combine_alone": combine,
         "quick": args.quick,
     }
     write("distributed" + ("-quick" if args.quick else ""), res)
