@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def _tmp_beside(target: Path, suffix: str = "") -> Path:
@@ -50,3 +51,14 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def jsonable(o: Any) -> Any:
+    """``json.dumps(default=jsonable)``: numpy scalars and arrays, and paths, as plain JSON."""
+    if hasattr(o, "item") and getattr(o, "ndim", None) == 0:  # numpy scalar, without importing numpy
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelFileError
+from .io import jsonable
 from .io import atomic_dir
 
 MANIFEST = "manifest.json"
@@ -40,18 +41,8 @@ def sha256_file(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def dump_json(obj: Any, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable, allow_nan=False) + "\n")
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=jsonable, allow_nan=False) + "\n")
 
 
 def _to_numpy(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ objects, so that every object is known together with the plugin and distribution
 from __future__ import annotations
 
 import gzip
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -115,7 +116,11 @@ def probe_file(path: Path) -> FileProbe:
 
     hdus: list[HduInfo] = []
     try:
-        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+        # astropy reports problems as warnings (printed as "WARNING: ..."); the probe turns the one
+        # that matters, truncation, into an error and leaves the rest to the reader.
+        with warnings.catch_warnings(record=True) as caught, \
+                fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+            warnings.simplefilter("always")
             for i, hdu in enumerate(hdul):
                 hdr = hdu.header
                 kind = _hdu_kind(hdu)
@@ -129,6 +134,9 @@ def probe_file(path: Path) -> FileProbe:
                 hdus.append(HduInfo(index=i, name=name, kind=kind, header=hdr, columns=cols, shape=shape))
     except (OSError, ValueError, EOFError, TypeError, KeyError) as exc:
         raise FormatError(f"{path}: not a readable FITS file ({exc})") from exc
+    for w in caught:
+        if "truncated" in str(w.message).lower():
+            raise FormatError(f"{path}: truncated FITS file ({w.message})")
     if not hdus:
         raise FormatError(f"{path}: FITS file has no HDU")
     return FileProbe(path=path, suffix=suffix, compressed=compressed, hdus=tuple(hdus))

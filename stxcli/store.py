@@ -28,6 +28,7 @@ import numpy as np
 
 from . import __version__
 from .errors import StxError
+from .io import jsonable
 
 FORMAT = "stx-feature-store"
 FORMAT_VERSION = 1
@@ -43,18 +44,8 @@ def _str_dtype() -> Any:
 def featurizer_key(name: str, version: str, config: dict[str, Any]) -> str:
     """sha256 of the canonical JSON of a featurizer's identity: equal keys, equal features."""
     blob = json.dumps({"name": name, "version": version, "config": config}, sort_keys=True,
-                      separators=(",", ":"), default=_jsonable)
+                      separators=(",", ":"), default=jsonable)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _as_str_array(a: Any) -> np.ndarray:
@@ -77,7 +68,7 @@ class StoreWriter:
         a = self.f.attrs
         a["format"], a["format_version"] = FORMAT, FORMAT_VERSION
         a["featurizer"], a["featurizer_version"] = featurizer_name, featurizer_version
-        a["featurizer_config"] = json.dumps(featurizer_config, sort_keys=True, default=_jsonable)
+        a["featurizer_config"] = json.dumps(featurizer_config, sort_keys=True, default=jsonable)
         a["featurizer_key"] = featurizer_key(featurizer_name, featurizer_version, featurizer_config)
         a["stx_version"] = __version__
         a["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

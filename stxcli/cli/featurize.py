@@ -11,20 +11,7 @@ import typer
 
 from .. import console
 from ..errors import StxError, UsageError
-
-
-def parse_settings(settings: list[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, true, lists)."""
-    out: dict[str, Any] = {}
-    for item in settings or []:
-        if "=" not in item:
-            raise UsageError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
-    return out
+from .pretrain import parse_settings
 
 
 def _resume_key(featurizer_key: str, paths: list[Path], opts: dict[str, Any]) -> str:
