@@ -169,13 +169,19 @@ def _fill(dtype: Any) -> Any:
     return None
 
 
-def _checksum(f: Any, chunk_rows: int = 8192) -> str:
+def _checksum(f: Any, chunk_rows: int = 8192, slab_rows: int = 1024) -> str:
+    """sha256 of the ids (one ``"\n".join``), then features and ivar interleaved per block of
+    ``chunk_rows`` rows. Read in slabs of ``slab_rows`` so memory stays flat for any N; the
+    digest does not depend on ``slab_rows``."""
     h = hashlib.sha256()
     n = f["features"].shape[0]
-    h.update("\n".join(_as_str_array(f["ids"][:])).encode())
+    for s in range(0, n, slab_rows):
+        h.update((("\n" if s else "") + "\n".join(_as_str_array(f["ids"][s:s + slab_rows]))).encode())
     for s in range(0, n, chunk_rows):
-        h.update(np.ascontiguousarray(f["features"][s:s + chunk_rows]).tobytes())
-        h.update(np.ascontiguousarray(f["ivar"][s:s + chunk_rows]).tobytes())
+        e = min(s + chunk_rows, n)
+        for name in ("features", "ivar"):
+            for a in range(s, e, slab_rows):
+                h.update(np.ascontiguousarray(f[name][a:min(a + slab_rows, e)]).tobytes())
     return h.hexdigest()
 
 

@@ -351,25 +351,32 @@ def test_predict_resume_and_refusals(client, inputs, model, single, tmp_path, mo
 
 
 def test_small_slab_checksum_equals_the_store_checksum(tmp_path):
-    """The combined store's checksum, read in small slabs, is the store's own digest (ids across
-    slab edges, features/ivar across the 8192-row block edge)."""
+    """The store checksum is read in small slabs; its digest equals the one-shot definition (all
+    ids joined, then features/ivar per 8192-row block) whatever the slab size (ids across slab
+    edges, features/ivar across the block edge)."""
+    import hashlib
+
     from stxcli.protocols import FeatureBatch
     from stxcli.spectra import SpectrumMeta
-    from stxcli.store import StoreWriter
+    from stxcli.store import StoreWriter, _checksum
 
     n, rng = 9000, np.random.default_rng(3)
     meta = SpectrumMeta.empty(n, "test", "f.fits")
     meta.ids = np.array([f"star-{i}-{'x' * (i % 7)}" for i in range(n)])
-    fb = FeatureBatch(rng.normal(size=(n, 3)).astype(np.float32), rng.uniform(size=(n, 3)).astype(np.float32),
-                      {"snr": np.ones(n, np.float32), "flags": np.zeros(n, np.int32)}, meta)
-    sums = []
-    for k, finish in enumerate((lambda w: w.finish(), lambda w: D._finish(w, rows=700))):
-        w = StoreWriter(tmp_path / f"{k}.h5", featurizer_name="t", featurizer_version="0", featurizer_config={}, dim=3)
-        w.append(fb)
-        sums.append(finish(w))
-    assert sums[0] == sums[1]
-    with h5py.File(tmp_path / "1.h5") as f:
-        assert f.attrs["checksum"] == sums[0] and bool(f.attrs["complete"])
+    feats = rng.normal(size=(n, 3)).astype(np.float32)
+    ivar = rng.uniform(size=(n, 3)).astype(np.float32)
+    fb = FeatureBatch(feats, ivar, {"snr": np.ones(n, np.float32), "flags": np.zeros(n, np.int32)}, meta)
+    w = StoreWriter(tmp_path / "a.h5", featurizer_name="t", featurizer_version="0", featurizer_config={}, dim=3)
+    w.append(fb)
+    digest = w.finish()
+    h = hashlib.sha256("\n".join(meta.ids).encode())
+    for s0 in range(0, n, 8192):
+        h.update(feats[s0:s0 + 8192].tobytes())
+        h.update(ivar[s0:s0 + 8192].tobytes())
+    assert digest == h.hexdigest()
+    with h5py.File(tmp_path / "a.h5") as f:
+        assert f.attrs["checksum"] == digest and bool(f.attrs["complete"])
+        assert _checksum(f, slab_rows=700) == digest
 
 
 def test_predict_cli_with_dask(inputs, model, tmp_path, capsys):
