@@ -396,11 +396,13 @@ def concat_stores(paths: Sequence[str | Path], out: str | Path) -> str:
                 labels: dict[str, list[np.ndarray]] = {n: [] for n in label_names}
                 inputs: list[dict[str, Any]] = []
                 for st in stores:
+                    offset = w.n
                     _copy_rows(st.f, w)
                     for name in label_names:
                         labels[name].append(st.f["labels"][name][:] if name in st.f["labels"]
                                             else np.full(st.n, np.nan, np.float32))
-                    inputs.extend(st.inputs)
+                    inputs.extend({**d, "rows": [d["rows"][0] + offset, d["rows"][1] + offset]} if "rows" in d else d
+                                  for d in st.inputs)
                 w.set_inputs(inputs)
                 w.set_labels({k: np.concatenate(v) for k, v in labels.items()},
                              {"concatenated": [str(p) for p in paths]})
