@@ -425,3 +425,24 @@ def test_embed_store_needs_a_raw_store_the_installed_raw_reproduces(trained, syn
     with pytest.raises(StxError, match="no longer reproduces"):
         embed_store(forged, tmp_path / "y.h5", encoder=out)
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "y.h5").exists()
+
+
+def test_featurizer_builds_the_torch_module_only_when_used(trained, tmp_path):
+    """The parent of `stx featurize --workers N` builds the featurizer for its config and then
+    forks: it must not have run torch ops (forking after them deadlocks the workers)."""
+    import shutil
+
+    from stxcli.pipeline import build_featurizer
+
+    out, _ = trained
+    enc_dir = tmp_path / "enc"
+    shutil.copytree(out, enc_dir)
+    feat = build_featurizer("transformer", {"encoder": str(enc_dir)})
+    assert feat.dim == TINY["width"] and feat.config()["encoder_sha256"]
+    assert feat._encoder is None
+    # the weights are verified again when the module is built: a swap in between is caught
+    w = enc_dir / WEIGHTS
+    w.write_bytes(w.read_bytes()[:-8])
+    f, iv, _ = synth(2)
+    with pytest.raises(ModelFileError, match="sha256"):
+        feat.embed(f, iv)

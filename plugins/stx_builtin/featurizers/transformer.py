@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from stxcli import console
-from stxcli.errors import StxError, UsageError
+from stxcli.errors import ModelFileError, StxError, UsageError
 from stxcli.hookspecs import hookimpl
 from stxcli.protocols import FeatureBatch
 
@@ -45,9 +45,8 @@ class TransformerFeaturizer:
                  **raw_overrides: Any) -> None:
         from stxcli.pipeline import build_featurizer
 
-        from ..encoder.config import POOLINGS
-        from ..encoder.io import load_encoder
-        from ..encoder.train import resolve_device
+        from ..encoder.config import POOLINGS, EncoderConfig
+        from ..encoder.io import read_manifest, verify_weights
 
         if encoder is None:
             raise UsageError("featurizer 'transformer' needs an encoder: --set encoder=DIR "
@@ -61,15 +60,26 @@ class TransformerFeaturizer:
         self.device = str(device)
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UsageError(f"featurizer 'transformer': device must be cpu or cuda, got {device!r}")
-        torch_device = resolve_device(self.device)
+        if self.device != "cpu":
+            from ..encoder.train import resolve_device
+
+            resolve_device(self.device)
         self.path = Path(encoder).expanduser().resolve()
-        self.encoder, self.manifest = load_encoder(self.path, encoder_sha256, device=self.device)
-        self.encoder_sha256 = str(self.manifest["weights"]["sha256"])
+        # Verify now (sha256), build the torch module only when first used: a process that just
+        # reads config()/dim (the parent of `stx featurize --workers N`) never runs torch ops, so
+        # forking workers from it stays safe.
+        self.manifest = read_manifest(self.path)
+        _, self.encoder_sha256 = verify_weights(self.path, self.manifest, encoder_sha256)
+        try:
+            self.architecture = EncoderConfig.from_dict(dict(self.manifest["architecture"]))
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{self.path}: bad encoder architecture in the manifest ({exc})") from exc
+        self._encoder: Any = None
         if pooling == "attention" and not self.manifest.get("pooling", {}).get("attention", False):
             raise UsageError(f"{self.path}: this encoder was trained without the attention-pooling objective "
                              "(--aux-weight 0); use pooling=mean or retrain")
         self.pooling = pooling
-        self.batch_size = int(batch_size) if batch_size else (512 if torch_device.type == "cuda" else 64)
+        self.batch_size = int(batch_size) if batch_size else (64 if self.device == "cpu" else 512)
         if self.batch_size < 1:
             raise UsageError("featurizer 'transformer': batch_size must be >= 1")
 
@@ -78,7 +88,7 @@ class TransformerFeaturizer:
         raw_cfg.update(raw or {})
         raw_cfg.update({k[len("raw."):]: v for k, v in raw_overrides.items()})
         self.raw = build_featurizer(str(rawinfo.get("name", "raw")), raw_cfg)
-        n_pix = int(self.encoder.config.n_pix)
+        n_pix = int(self.architecture.n_pix)
         if self.raw.dim != n_pix:
             raise UsageError(f"{self.path}: the encoder expects {n_pix} raw features, the raw featurizer "
                              f"configured here gives {self.raw.dim}: keep the grid of the encoder's manifest")
@@ -107,7 +117,17 @@ class TransformerFeaturizer:
 
     @property
     def dim(self) -> int:
-        return int(self.encoder.config.width)
+        return int(self.architecture.width)
+
+    @property
+    def encoder(self) -> Any:
+        """The :class:`~stx_builtin.encoder.model.SpectralEncoder` (eval mode, on ``device``),
+        loaded and re-verified against ``encoder_sha256`` on first use."""
+        if self._encoder is None:
+            from ..encoder.io import load_encoder
+
+            self._encoder, _ = load_encoder(self.path, self.encoder_sha256, device=self.device)
+        return self._encoder
 
     def axis(self) -> np.ndarray | None:
         return None
