@@ -139,6 +139,29 @@ def train(strategy: str, base: Path | None, ft: Path, out: Path, *, seed: int, t
     return info
 
 
+def model_info(model: Path) -> dict[str, Any]:
+    """Target stars, trainable parameters, training time (the model's own record) and, for auto,
+    the adapter chosen per label, from a model directory's manifest."""
+    m = json.loads((model / "manifest.json").read_text())
+    t = m.get("training") or {}
+    n = t.get("n_target_stars")
+    if n is None and t.get("n_train") is not None:
+        n = int(t["n_train"]) + int(t.get("n_val") or 0)
+    info = {"n_target": n, "trainable_params": t.get("trainable_params"), "train_time_s": t.get("train_time_s")}
+    sel = (m.get("adapter") or {}).get("selection")
+    if sel:
+        info["auto_choice"] = sel
+    return info
+
+
+def train_or_reuse(strategy: str, base: Path | None, ft: Path, out: Path, **kw: Any) -> dict[str, Any]:
+    """:func:`train` unless ``out`` already holds a finished model (an interrupted run resumed)."""
+    if (out / "manifest.json").exists():
+        log(f"  reuse {out.name}")
+        return {**model_info(out), "train_s": None, "reused": True}
+    return {**train(strategy, base, ft, out, **kw), **model_info(out)}
+
+
 def predict(model: Path, store: Path, out: Path) -> Path:
     stx("predict", model, store, "-o", out)
     return out
@@ -216,7 +239,7 @@ def fmt(v: float | None, lab: str) -> str:
     return f"{v:.0f}" if lab == "teff" else f"{v:.3f}"
 
 
-def markdown_table(rows: list[dict[str, Any]], lead: Sequence[str]) -> str:
+def markdown_table(rows: list[dict[str, Any]], lead: Sequence[str], key: str = "metrics") -> str:
     """MAE / robust scatter per label (all, [Fe/H]<-1, >=-1), sigma/CRB and 1-sigma fraction."""
     head = list(lead) + ["strategy", "params"]
     for lab in LABELS:
@@ -225,7 +248,7 @@ def markdown_table(rows: list[dict[str, Any]], lead: Sequence[str]) -> str:
     for r in rows:
         cells = [str(r.get(k, "")) for k in lead] + [r["strategy"], str(r.get("trainable_params") or "-")]
         for lab in LABELS:
-            m = r["metrics"][lab]
+            m = r[key][lab]
             a, mp, mr = m.get("all") or {}, m.get("feh<-1") or {}, m.get("feh>=-1") or {}
             cells.append(f"{fmt(a.get('mae'), lab)} / {fmt(a.get('scatter'), lab)}")
             cells.append(fmt(mp.get("mae"), lab))
@@ -256,6 +279,9 @@ if __name__ == "__main__":  # render a result file's tables as markdown (for doc
     doc = json.loads(Path(sys.argv[1]).read_text())
     lead = ["base", "n_ft"] if doc["benchmark"].startswith("real") else ["n_ft"]
     print(markdown_table(doc["rows"], lead))
+    if doc["rows"] and "metrics_in_domain" in doc["rows"][0]:
+        print("\nIn the pre-training Teff domain\n")
+        print(markdown_table(doc["rows"], lead, key="metrics_in_domain"))
     for lab in LABELS:
         print(f"\nMAE per SNR bin, {lab}\n")
         print(snr_table(doc["rows"], lead, lab))
