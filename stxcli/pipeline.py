@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,14 +81,13 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 
 @dataclass
 class FileResult:
+    """One featurized file. ``batches`` is a list from a worker process, or a lazy iterator in
+    the calling process (memory stays one batch deep for files of any size); iterate it once."""
+
     path: Path
     sha256: str
     reader: str
-    batches: list[FeatureBatch]
-
-    @property
-    def n(self) -> int:
-        return sum(b.features.shape[0] for b in self.batches)
+    batches: Iterable[FeatureBatch]
 
 
 RvLookup = dict[str, float]
@@ -132,12 +131,12 @@ def _init_worker(name: str, config: dict[str, Any], format: str | None, chunk_si
                          chunk_size=chunk_size, rv_lookup=rv_lookup)
 
 
-def _run_file(path: Path) -> FileResult:
+def _run_file(path: Path, lazy: bool = False) -> FileResult:
     st = _worker_state
     reader = identify(path, get_registry(), st["format"]).name
-    batches = list(featurize_file(path, st["featurizer"], format=st["format"],
-                                  chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"]))
-    return FileResult(path, sha256_file(path), reader, batches)
+    batches = featurize_file(path, st["featurizer"], format=st["format"],
+                             chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"])
+    return FileResult(path, sha256_file(path), reader, batches if lazy else list(batches))
 
 
 def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: dict[str, Any], *,
@@ -147,7 +146,7 @@ def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: di
     if workers <= 1:
         _init_worker(featurizer_name, featurizer_config, format, chunk_size, rv_lookup)
         for p in paths:
-            yield _run_file(p)
+            yield _run_file(p, lazy=True)
         return
     import multiprocessing as mp
 

@@ -131,11 +131,11 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, shared, monkeypatc
     real = pipeline._run_file
     calls = {"n": 0}
 
-    def flaky(path):
+    def flaky(path, **kw):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real(path)
+        return real(path, **kw)
 
     monkeypatch.setattr(pipeline, "_run_file", flaky)
     out = tmp_path / "resumed.h5"

@@ -52,7 +52,7 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
                   settings: dict[str, Any] | None = None, format: str | None = None,
                   labels: Path | None = None, id_column: str = "id",
                   label_columns: list[str] | None = None, match_by: str = "id",
-                  rv_column: str | None = None, workers: int = 1, chunk_size: int = 1024,
+                  rv_column: str | None = None, workers: int = 1, chunk_size: int = 256,
                   dask: Any = None, dask_partition: int | None = None, dask_retries: int = 2) -> dict[str, Any]:
     """Featurize ``inputs`` into the store ``output``; return the summary. Programmatic API of
     ``stx featurize`` (the demo and the tests call it).
@@ -142,7 +142,7 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
                     writer.set_inputs(done)
                     writer.f.flush()
                     last_checkpoint = time.monotonic()
-                readers[res.reader] = readers.get(res.reader, 0) + res.n
+                readers[res.reader] = readers.get(res.reader, 0) + writer.n - start
                 bar.advance(1)
                 bar.update(status=f"{writer.n} spectra")
         writer.set_inputs(done)
@@ -223,7 +223,7 @@ def register(app: typer.Typer) -> None:
         match_by: str = typer.Option("id", "--match-by", help="'id': catalog ids equal spectrum ids (OBSID, TARGETID); 'file': catalog holds file names."),
         rv_column: Optional[str] = typer.Option(None, "--rv-column", help="Catalog column with radial velocities (km/s) used for the rest frame."),
         workers: int = typer.Option(1, "--workers", "-j", help="Worker processes (parallel over files)."),
-        chunk_size: int = typer.Option(1024, "--chunk-size", help="Spectra per batch when reading large files."),
+        chunk_size: int = typer.Option(256, "--chunk-size", help="Spectra per batch when reading large files (memory ~0.3 MB per spectrum in a batch)."),
         dask: Optional[str] = typer.Option(None, "--dask", help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or local[:N] for N local worker processes. Needs the extra stx[dask]; the parts folder beside the output must be visible to every worker."),
         dask_partition: Optional[int] = typer.Option(None, "--dask-partition", help="Files per Dask partition (default: about 64 partitions, at most 64 files each)."),
         dask_retries: int = typer.Option(2, "--dask-retries", help="Times a failed Dask partition is resubmitted (data errors are not retried)."),
