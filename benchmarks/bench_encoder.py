@@ -10,7 +10,8 @@ DIR`` (made by `stx encoder train`), or a freshly initialised default-size one (
 * raw: ``RawFeaturizer.transform`` file by file (what `stx featurize` does per LAMOST file);
 * embed: the encoder on raw features, batches of 64, with 2 and with 1 torch threads (stx featurize
   --workers N sets 1 thread per worker process);
-* transformer: the whole featurizer (raw + embed) file by file;
+* transformer: the whole featurizer (raw + embed) file by file, 1 torch thread (stx featurize sets
+  1 thread per process: for a batch of one spectrum a second thread only adds waiting);
 * train: pretraining steps (batch 32, forward + backward + AdamW) with 2 threads.
 
 Writes benchmarks/results/encoder.json.
@@ -19,6 +20,7 @@ Writes benchmarks/results/encoder.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -38,6 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     n = 128 if args.quick else args.n
     repeat = 1 if args.quick else 3
+    load_before = os.getloadavg()[0]
 
     import torch
 
@@ -79,8 +82,8 @@ def main() -> None:
         t_embed2 = best_of(lambda: tf.embed(feats, ivars), repeat)
         torch.set_num_threads(1)
         t_embed1 = best_of(lambda: tf.embed(feats, ivars), repeat)
+        t_tf = best_of(lambda: [tf.transform(b) for b in batches], repeat)  # 1 thread, as stx featurize
         torch.set_num_threads(2)
-        t_tf = best_of(lambda: [tf.transform(b) for b in batches], repeat)
 
         model = SpectralEncoder(arch).train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -113,11 +116,13 @@ def main() -> None:
                              "spectra_per_s": round(n_files / t_raw, 1), "threads": "numpy"},
         "embed_2_threads": {"n": n, "seconds": round(t_embed2, 3), "spectra_per_s": round(n / t_embed2, 1)},
         "embed_1_thread": {"n": n, "seconds": round(t_embed1, 3), "spectra_per_s": round(n / t_embed1, 1)},
-        "transformer_featurizer_files": {"n": n_files, "seconds": round(t_tf, 3),
+        "transformer_featurizer_files_1_thread": {"n": n_files, "seconds": round(t_tf, 3),
                                          "spectra_per_s": round(n_files / t_tf, 1)},
         "pretrain_2_threads": {"batch": 32, "seconds_per_step": round(t_train, 3),
                                "spectra_per_s": round(32 / t_train, 1)},
-        "note": "2-core machine shared with other jobs: timings are best of repeats, not exclusive",
+        "load_avg_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "note": "timings are best of repeats; a load average above the core count means other jobs "
+                "shared the CPU and the rates are lower bounds",
     })
 
 

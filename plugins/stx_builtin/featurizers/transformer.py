@@ -206,17 +206,19 @@ def embed_store(raw_store: str | Path, output: str | Path, *, encoder: str | Pat
             w = StoreWriter(tmp, featurizer_name=feat.name, featurizer_version=feat.version,
                             featurizer_config=feat.config(), dim=feat.dim, axis=None)
             try:
-                for s in range(0, st.n, chunk_rows):
-                    d = st.read(s, min(s + chunk_rows, st.n), fields=("features", "ivar", "ids", "meta", "quality"))
-                    emb, eiv = feat.embed(d["features"], d["ivar"])
-                    n0 = w.n
-                    for name, arr in (("features", emb), ("ivar", eiv)):
-                        w.f[name].resize(n0 + len(emb), axis=0)
-                        w.f[name][n0:] = arr
-                    w._append("ids", d["ids"])
-                    for group in ("meta", "quality"):
-                        for key, arr in d[group].items():
-                            w._append(f"{group}/{key}", arr)
+                with console.progress("embed", total=st.n) as bar:
+                    for s in range(0, st.n, chunk_rows):
+                        d = st.read(s, min(s + chunk_rows, st.n), fields=("features", "ivar", "ids", "meta", "quality"))
+                        for b in range(0, len(d["ids"]), feat.batch_size):
+                            emb, eiv = feat.embed(d["features"][b:b + feat.batch_size], d["ivar"][b:b + feat.batch_size])
+                            for name, arr in (("features", emb), ("ivar", eiv)):
+                                w.f[name].resize(w.f[name].shape[0] + len(emb), axis=0)
+                                w.f[name][-len(emb):] = arr
+                            bar.advance(len(emb))
+                        w._append("ids", d["ids"])
+                        for group in ("meta", "quality"):
+                            for key, arr in d[group].items():
+                                w._append(f"{group}/{key}", arr)
                 w.set_inputs(st.inputs)
                 if st.label_names:
                     w.set_labels({k: st.f["labels"][k][:] for k in st.label_names},
@@ -303,6 +305,7 @@ def register_commands(app: Any) -> None:
               pooling: str = typer.Option("mean", help="mean or attention."),
               device: str = typer.Option("cpu", help="cpu or cuda."),
               batch_size: Optional[int] = typer.Option(None, help="Spectra per forward pass."),
+              threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
               json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
               quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output.")) -> None:
         """Embed a raw feature store (no re-reading of spectra): the same store `stx featurize
@@ -311,6 +314,10 @@ def register_commands(app: Any) -> None:
         Example: stx encoder embed lamost_raw.h5 --encoder enc/ -o lamost_emb.h5
         """
         console.set_quiet(quiet or json_out)
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
         summary = embed_store(store, output, encoder=encoder, pooling=pooling, device=device,
                               batch_size=batch_size)
         _show("encoder embed", summary, json_out)
