@@ -255,8 +255,11 @@ def run_parts(client: Any, parts: Sequence[Part], task: Callable[..., dict[str, 
             ac = distributed.as_completed([submit(p) for p in todo])
             for fut in ac:
                 p = futures.pop(fut)
-                if fut.status == "error":
-                    exc = fut.exception()
+                if fut.status in ("error", "cancelled"):
+                    # "cancelled" without our asking is the cluster's doing (a lost worker, a
+                    # scheduler-side cancel racing a rerun): retried like any unexpected failure.
+                    exc = (fut.exception() if fut.status == "error"
+                           else RuntimeError("the Dask task was cancelled by the cluster"))
                     if isinstance(exc, StxError):
                         raise exc
                     n = attempts.get(p.index, 0) + 1
