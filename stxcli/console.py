@@ -47,6 +47,21 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=jsonable) + "\n")
 
 
+def print_summary(title: str, summary: dict[str, Any], json_out: bool) -> None:
+    """A command's summary on stdout: JSON with ``--json``, else a two-column rich table."""
+    if json_out:
+        print_json(summary)
+        return
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    t.add_column("key")
+    t.add_column("value")
+    for k, v in summary.items():
+        t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    out().print(t)
+
+
 def progress_enabled() -> bool:
     return not _state["quiet"] and sys.stderr.isatty()
 

@@ -246,10 +246,7 @@ def register(app: typer.Typer) -> None:
                                 format=format, labels=labels, id_column=id_column, label_columns=cols,
                                 match_by=match_by, rv_column=rv_column, workers=workers, chunk_size=chunk_size,
                                 dask=dask, dask_partition=dask_partition, dask_retries=dask_retries)
-        if json_out:
-            console.print_json(summary)
-        else:
-            _print_summary("featurize", summary)
+        console.print_summary("featurize", summary, json_out)
 
     store_app = typer.Typer(help="Inspect and combine feature stores.", no_args_is_help=True)
     app.add_typer(store_app, name="store")
@@ -262,10 +259,7 @@ def register(app: typer.Typer) -> None:
 
         with FeatureStore.open(path) as st:
             summary = st.summary()
-        if json_out:
-            console.print_json(summary)
-        else:
-            _print_summary("store", summary)
+        console.print_summary("store", summary, json_out)
 
     @store_app.command("concat")
     def store_concat(paths: list[Path] = typer.Argument(..., help="Stores made with the same featurizer config."),
@@ -279,18 +273,4 @@ def register(app: typer.Typer) -> None:
         concat_stores(paths, output)
         with FeatureStore.open(output) as st:
             summary = st.summary()
-        if json_out:
-            console.print_json(summary)
-        else:
-            _print_summary("store", summary)
-
-
-def _print_summary(title: str, summary: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    t = Table(title=title, show_header=False)
-    t.add_column("key")
-    t.add_column("value")
-    for k, v in summary.items():
-        t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-    console.out().print(t)
+        console.print_summary("store", summary, json_out)

@@ -296,7 +296,7 @@ def register_commands(app: Any) -> None:
                             gap_max_px=gap_max_px, gap_pix_frac=gap_pix_frac, max_rows=max_rows, seed=seed,
                             device=device, amp=amp, threads=threads)
         summary = run_train(store, output, arch, opts)
-        _show("encoder train", summary, json_out)
+        console.print_summary("encoder train", summary, json_out)
 
     @enc.command("embed")
     def embed(store: Path = typer.Argument(..., help="Feature store made by the raw featurizer."),
@@ -320,7 +320,7 @@ def register_commands(app: Any) -> None:
             torch.set_num_threads(int(threads))
         summary = embed_store(store, output, encoder=encoder, pooling=pooling, device=device,
                               batch_size=batch_size)
-        _show("encoder embed", summary, json_out)
+        console.print_summary("encoder embed", summary, json_out)
 
     @enc.command("info")
     def info(path: Path = typer.Argument(..., help="Encoder directory."),
@@ -342,20 +342,6 @@ def register_commands(app: Any) -> None:
             "store_checksum": tr.get("store_checksum"), "stx_version": m.get("stx_version"),
             "created": m.get("created"),
         }
-        _show("encoder", summary, json_out)
+        console.print_summary("encoder", summary, json_out)
 
 
-def _show(title: str, summary: dict[str, Any], json_out: bool) -> None:
-    import json
-
-    if json_out:
-        console.print_json(summary)
-        return
-    from rich.table import Table
-
-    t = Table(title=title, show_header=False)
-    t.add_column("key")
-    t.add_column("value")
-    for k, v in summary.items():
-        t.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-    console.out().print(t)
