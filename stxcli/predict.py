@@ -58,10 +58,19 @@ def _col(d: dict[str, np.ndarray], key: str, n: int, fill: Any, dtype: Any) -> n
     return np.asarray(v).astype(dtype, copy=False)
 
 
+def _text(d: dict[str, np.ndarray], key: str, n: int) -> np.ndarray:
+    """A string column as it came (UTF-8 ``S`` bytes from a store stay bytes), or "" fill."""
+    v = d.get(key)
+    if v is None:
+        return np.full(n, "", dtype=str)
+    v = np.asarray(v)
+    return v if v.dtype.kind in ("S", "U") else v.astype(str)
+
+
 def _columns_from(ids: np.ndarray, meta: dict[str, Any], n: int) -> dict[str, np.ndarray]:
-    cols = {"id": np.asarray(ids).astype(str),
-            "survey": _col(meta, "survey", n, "", str),
-            "source_file": _col(meta, "source_file", n, "", str),
+    cols = {"id": _text({"id": ids}, "id", n),
+            "survey": _text(meta, "survey", n),
+            "source_file": _text(meta, "source_file", n),
             "source_row": _col(meta, "source_row", n, -1, np.int64)}
     for k in ID_EXTRAS:
         if k in meta:
@@ -81,11 +90,15 @@ def store_chunks(path: Path, model: Any, chunk_rows: int) -> Iterator[Chunk]:
         if src.dim != model.input_dim:
             raise ModelFileError(f"{path}: {src.dim} features, model {model.mdir.path} expects {model.input_dim}")
         st: FeatureStore = src.store
+        # one feature buffer for the whole store: each chunk is consumed before the next is read
+        buf = np.empty((min(chunk_rows, max(st.n, 1)), st.dim), dtype=np.float32)
         for s in range(0, st.n, chunk_rows):
-            d = st.read(s, min(s + chunk_rows, st.n), fields=("features", "ids", "quality", "meta"))
+            e = min(s + chunk_rows, st.n)
+            x = st.read_into("features", s, e, buf)
+            d = st.read(s, e, fields=("ids", "quality", "meta"), utf8=True)  # the FITS table wants bytes
             n = len(d["ids"])
             q = d["quality"]
-            yield Chunk(d["features"], _columns_from(d["ids"], d["meta"], n),
+            yield Chunk(x, _columns_from(d["ids"], d["meta"], n),
                         _col(q, "snr", n, np.nan, np.float32), _col(q, "flags", n, 0, np.int32))
     finally:
         src.close()

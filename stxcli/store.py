@@ -55,6 +55,19 @@ def _as_str_array(a: Any) -> np.ndarray:
     return arr.astype(str)
 
 
+def _as_utf8_array(a: Any) -> np.ndarray:
+    """Strings read from h5py (bytes objects for UTF-8 variable-length data) as an ``S`` array."""
+    arr = np.asarray(a)
+    if arr.dtype.kind == "S":
+        return arr
+    if arr.dtype.kind == "O" and all(isinstance(x, bytes) for x in arr[:1]):
+        try:
+            return arr.astype("S")
+        except (TypeError, ValueError):
+            pass
+    return np.char.encode(_as_str_array(arr), "utf-8")
+
+
 class StoreWriter:
     """Appends feature batches to a new HDF5 file (normally a temporary path)."""
 
@@ -270,11 +283,14 @@ class FeatureStore:
     def axis(self) -> np.ndarray | None:
         return self.f["axis"][:] if "axis" in self.f else None
 
-    def _group(self, name: str, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
+    def _group(self, name: str, start: int = 0, stop: int | None = None,
+               utf8: bool = False) -> dict[str, np.ndarray]:
         out = {}
         for k, ds in self.f[name].items():
             v = ds[start:stop]
-            out[k] = _as_str_array(v) if ds.dtype.kind in ("O", "S") else v
+            if ds.dtype.kind in ("O", "S"):
+                v = _as_utf8_array(v) if utf8 else _as_str_array(v)
+            out[k] = v
         return out
 
     @property
@@ -286,20 +302,36 @@ class FeatureStore:
         return self._group("meta")
 
     def read(self, start: int = 0, stop: int | None = None,
-             fields: Sequence[str] = ("features", "ivar")) -> dict[str, np.ndarray]:
+             fields: Sequence[str] = ("features", "ivar"), *, utf8: bool = False) -> dict[str, np.ndarray]:
         """A contiguous slab of rows ``[start, stop)``: ``features``, ``ivar``, ``ids``,
-        ``quality``/``meta`` (dicts)."""
+        ``quality``/``meta`` (dicts). Strings are ``str`` arrays, or with ``utf8=True`` the stored
+        UTF-8 bytes (``S`` arrays) for a writer that wants bytes anyway (no decode + encode)."""
         out: dict[str, Any] = {}
+        as_text = _as_utf8_array if utf8 else _as_str_array
         for fld in fields:
             if fld in ("features", "ivar"):
                 out[fld] = self.f[fld][start:stop]
             elif fld == "ids":
-                out[fld] = _as_str_array(self.f["ids"][start:stop])
+                out[fld] = as_text(self.f["ids"][start:stop])
             elif fld in ("quality", "meta"):
-                out[fld] = self._group(fld, start, stop)
+                out[fld] = self._group(fld, start, stop, utf8=utf8)
             else:
                 raise KeyError(f"unknown store field {fld!r}")
         return out
+
+    def read_into(self, field: str, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``features`` or ``ivar`` read into the first rows of ``out``
+        (float32, C-contiguous, at least ``stop - start`` rows); returns that view. A reader that
+        streams a big store reuses one buffer: a fresh array per slab of tens of MB is fresh
+        memory from the kernel every time (page faults cost as much as the read itself)."""
+        if field not in ("features", "ivar"):
+            raise KeyError(f"read_into reads features or ivar, not {field!r}")
+        n = stop - start
+        if out.dtype != np.float32 or not out.flags.c_contiguous or out.shape[0] < n or out.shape[1:] != (self.dim,):
+            raise ValueError(f"read_into: need a C-contiguous float32 buffer of >= {n} x {self.dim}")
+        if n > 0:
+            self.f[field].read_direct(out, np.s_[start:stop], np.s_[0:n])
+        return out[:n]
 
     def labels(self, names: Sequence[str], start: int = 0, stop: int | None = None) -> np.ndarray:
         """float32 (rows, len(names)); NaN where a label is unknown."""

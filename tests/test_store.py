@@ -109,3 +109,26 @@ def test_subset(tmp_path):
         assert st.featurizer_key == a.featurizer_key
     with pytest.raises(StxError, match="out of range"):
         subset_store(tmp_path / "a.h5", np.array([25]), tmp_path / "t.h5")
+
+
+def test_read_into_reuses_one_buffer_and_utf8_strings(tmp_path):
+    f, iv, ids, labels = _arrays(n=23, d=5)
+    ids[3] = "Ondřej-β"  # non-ASCII ids survive both string modes
+    p = tmp_path / "u.h5"
+    write_store_arrays(p, f, iv, ids, labels, featurizer_name="raw", featurizer_version="1", featurizer_config={})
+    with FeatureStore.open(p) as st:
+        buf = np.full((10, 5), -1.0, np.float32)
+        got = []
+        for s in range(0, st.n, 10):
+            x = st.read_into("features", s, min(s + 10, st.n), buf)
+            assert np.shares_memory(x, buf)
+            got.append(x.copy())
+        np.testing.assert_array_equal(np.concatenate(got), f)
+        np.testing.assert_array_equal(st.read_into("ivar", 20, 23, buf), iv[20:23])
+        with pytest.raises(ValueError, match="buffer"):
+            st.read_into("features", 0, 11, buf)  # too few rows
+        with pytest.raises(ValueError, match="buffer"):
+            st.read_into("features", 0, 5, np.zeros((10, 5)))  # float64
+        raw = st.read(0, st.n, fields=("ids",), utf8=True)["ids"]
+        assert raw.dtype.kind == "S" and raw[3].decode("utf-8") == "Ondřej-β"
+        assert list(st.read(0, st.n, fields=("ids",))["ids"]) == ids
