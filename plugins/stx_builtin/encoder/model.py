@@ -31,7 +31,8 @@ from torch import nn
 
 from .config import POOLINGS, EncoderConfig
 
-__all__ = ["EncoderConfig", "SpectralEncoder", "contiguous_chunk_mask", "count_parameters", "POOLINGS"]
+__all__ = ["EncoderConfig", "EncoderFront", "SpectralEncoder", "contiguous_chunk_mask", "count_parameters",
+           "POOLINGS"]
 
 
 class Attention(nn.Module):
@@ -199,6 +200,29 @@ class SpectralEncoder(nn.Module):
         coarse = self.pool_decoder(self.attn_pool(h)).float()
         aux = (tw * (coarse - target) ** 2).sum() / tw.sum().clamp_min(1.0)
         return {"mse": mse, "aux": aux, "n_masked_px": w.sum()}
+
+
+class EncoderFront(nn.Module):
+    """raw features + ivar -> pooled embedding, exactly as the ``transformer`` featurizer makes
+    them (a spectrum without any valid pixel embeds to 0): the part of a model that the encoder
+    adapters (``lora`` / ``full`` with ``target=encoder``) fine-tune. ``self.encoder`` is the
+    :class:`SpectralEncoder`, whose module names the adapters target."""
+
+    def __init__(self, encoder: SpectralEncoder, pooling: str = "mean") -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)})")
+        self.encoder = encoder
+        self.pooling = pooling
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.width
+
+    def forward(self, flux: torch.Tensor, ivar: torch.Tensor) -> torch.Tensor:
+        emb = self.encoder(flux, ivar, self.pooling)
+        has = ((ivar > 0) & torch.isfinite(flux)).any(1)
+        return torch.where(has[:, None], emb, torch.zeros((), dtype=emb.dtype, device=emb.device))
 
 
 def contiguous_chunk_mask(batch: int, n_tokens: int, frac: float, chunk: int,

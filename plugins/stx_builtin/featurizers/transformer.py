@@ -7,17 +7,31 @@ are exactly those the encoder was trained on.
 
 Config (everything :meth:`TransformerFeaturizer.config` returns rebuilds the same featurizer)::
 
-    encoder         path of the encoder directory (required)
-    encoder_sha256  sha256 of its weights; a directory whose weights differ is refused
+    encoder         path of the encoder directory (required); where to find it, not what it is
+    encoder_sha256  sha256 of its weights: the encoder's identity; a directory whose weights
+                    differ is refused
     pooling         "mean" (default) or "attention" (learned query, trained during pretraining)
-    device          "cpu" (default) or "cuda"
     raw             the raw featurizer's config (default: the one in the encoder manifest);
                     single keys can be overridden with ``raw.KEY=value`` (e.g. ``--set raw.rv=estimate``)
                     as long as the grid stays the encoder's
 
-``batch_size`` (spectra per forward pass; default 64 on CPU, 512 on CUDA) is a runtime knob and
-not part of the config. Feature ivar: 1 for every spectrum with data (the embedding's noise is not
-propagated: do not use it as a measured uncertainty), 0 where the spectrum has no valid pixel.
+Runtime knobs, not part of the config: ``device`` ("cpu" default, or "cuda") and ``batch_size``
+(spectra per forward pass; default 64 on CPU, 512 on CUDA).
+
+**Identity.** What determines the numbers is ``encoder_sha256``, ``pooling`` and ``raw``
+(:meth:`TransformerFeaturizer.identity_config`); the core compares stores and models by that
+(``stxcli.train.featurizer_identity``), so a moved encoder directory or another device does not
+make features "different". When the recorded ``encoder`` path does not hold the encoder with
+``encoder_sha256`` (it moved), the directories listed in the environment variable
+``STX_ENCODER_PATH`` (``os.pathsep``-separated; each an encoder directory or a folder of them) are
+searched for it.
+
+Feature ivar: 1 for every spectrum with data (the embedding's noise is not propagated: do not use
+it as a measured uncertainty), 0 where the spectrum has no valid pixel.
+
+For the adapters that reach into the encoder, :meth:`TransformerFeaturizer.front` gives the
+differentiable torch module raw features + ivar -> embedding and :meth:`front_input` the raw
+featurizer entry its input must come from.
 
 Also registers the ``stx encoder`` command group (train, embed, info).
 """
@@ -33,6 +47,45 @@ from stxcli import console
 from stxcli.errors import ModelFileError, StxError, UsageError
 from stxcli.hookspecs import hookimpl
 from stxcli.protocols import FeatureBatch
+
+
+#: environment variable: where to look for an encoder that is not at its recorded path
+SEARCH_ENV = "STX_ENCODER_PATH"
+#: the config keys that determine the embeddings (``encoder`` only says where the encoder is)
+IDENTITY_KEYS = ("encoder_sha256", "pooling", "raw")
+
+
+def _holds(d: Path, sha256: str) -> bool:
+    """Whether directory ``d`` is an encoder whose manifest records weights ``sha256`` (cheap:
+    the weights themselves are hashed when the featurizer verifies them)."""
+    import json
+
+    try:
+        m = json.loads((d / "manifest.json").read_text())
+        return isinstance(m, dict) and str(m.get("weights", {}).get("sha256", "")) == sha256
+    except (OSError, ValueError):
+        return False
+
+
+def locate_encoder(path: str | Path, sha256: str | None) -> Path:
+    """The directory of the encoder recorded as ``path`` with weights ``sha256``: ``path`` when it
+    holds that encoder (or when no sha256 is given), else the first match among the directories
+    of ``$STX_ENCODER_PATH`` and their sub-directories; ``path`` again when none matches (loading
+    it then gives the one-line error)."""
+    import os
+
+    p = Path(path).expanduser().resolve()
+    if not sha256 or _holds(p, sha256):
+        return p
+    for entry in os.environ.get(SEARCH_ENV, "").split(os.pathsep):
+        if not entry.strip():
+            continue
+        root = Path(entry.strip()).expanduser().resolve()
+        cands = [root] + (sorted(c for c in root.iterdir() if c.is_dir()) if root.is_dir() else [])
+        for c in cands:
+            if _holds(c, sha256):
+                return c
+    return p
 
 
 class TransformerFeaturizer:
@@ -64,12 +117,17 @@ class TransformerFeaturizer:
             from ..encoder.train import resolve_device
 
             resolve_device(self.device)
-        self.path = Path(encoder).expanduser().resolve()
+        self.path = locate_encoder(encoder, encoder_sha256)
         # Verify now (sha256), build the torch module only when first used: a process that just
         # reads config()/dim (the parent of `stx featurize --workers N`) never runs torch ops, so
         # forking workers from it stays safe.
-        self.manifest = read_manifest(self.path)
-        _, self.encoder_sha256 = verify_weights(self.path, self.manifest, encoder_sha256)
+        hint = (f" (if the encoder moved, point {SEARCH_ENV} at the folder that holds it now)"
+                if encoder_sha256 else "")
+        try:
+            self.manifest = read_manifest(self.path)
+            _, self.encoder_sha256 = verify_weights(self.path, self.manifest, encoder_sha256)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{exc}{hint}") from exc
         try:
             self.architecture = EncoderConfig.from_dict(dict(self.manifest["architecture"]))
         except (TypeError, ValueError) as exc:
@@ -134,7 +192,43 @@ class TransformerFeaturizer:
 
     def config(self) -> dict[str, Any]:
         return {"encoder": str(self.path), "encoder_sha256": self.encoder_sha256, "pooling": self.pooling,
-                "device": self.device, "raw": self.raw.config()}
+                "raw": self.raw.config()}
+
+    @staticmethod
+    def identity_config(config: dict[str, Any]) -> dict[str, Any]:
+        """The part of a recorded config that determines the embeddings: encoder sha256, pooling
+        and the raw config; not the encoder's path, nor the device (older configs, which also
+        recorded ``device``, compare equal to today's)."""
+        return {"encoder_sha256": config.get("encoder_sha256"), "pooling": config.get("pooling", "mean"),
+                "raw": config.get("raw")}
+
+    # -- for the adapters that fine-tune the encoder
+    def front_input(self) -> dict[str, Any]:
+        """The featurizer entry (name, version, config, key) that the front's input comes from:
+        the raw featurizer this encoder was trained on."""
+        from stxcli.store import featurizer_key
+
+        cfg = self.raw.config()
+        return {"name": self.raw.name, "version": str(self.raw.version), "config": cfg,
+                "key": featurizer_key(self.raw.name, str(self.raw.version), cfg)}
+
+    def front(self, device: str = "cpu") -> Any:
+        """A fresh :class:`~stx_builtin.encoder.model.EncoderFront` (its own copy of the verified
+        encoder, eval mode, weights frozen): raw features + ivar -> this featurizer's embedding,
+        differentiable."""
+        import copy
+
+        from ..encoder.model import EncoderFront
+
+        enc = copy.deepcopy(self.encoder).to(device)
+        for p in enc.parameters():
+            p.requires_grad_(False)
+        return EncoderFront(enc, self.pooling).eval()
+
+    def front_info(self) -> dict[str, Any]:
+        """What a model fine-tuned through :meth:`front` records about the encoder."""
+        return {"encoder_sha256": self.encoder_sha256, "pooling": self.pooling, "dim": self.dim,
+                "architecture": self.architecture.to_dict()}
 
     def transform(self, batch: Any) -> FeatureBatch:
         fb = self.raw.transform(batch)
@@ -149,20 +243,22 @@ class TransformerFeaturizer:
 
         features = np.asarray(features, np.float32)
         ivar = np.asarray(ivar, np.float32)
+        from ..encoder.model import EncoderFront
+
         n = features.shape[0]
         out = np.zeros((n, self.dim), np.float32)
         has = ((ivar > 0) & np.isfinite(features)).any(axis=1)
+        front = EncoderFront(self.encoder, self.pooling)  # the same module the encoder adapters tune
         with torch.inference_mode():
             for s in range(0, n, self.batch_size):
                 e = min(s + self.batch_size, n)
                 xf = torch.from_numpy(features[s:e]).to(self.device)
                 xi = torch.from_numpy(ivar[s:e]).to(self.device)
-                out[s:e] = self.encoder(xf, xi, self.pooling).float().cpu().numpy()
+                out[s:e] = front(xf, xi).float().cpu().numpy()
         finite = np.isfinite(out).all(axis=1)
         if not finite[has].all():
             raise StxError(f"{self.path}: the encoder produced non-finite embeddings for "
                            f"{int((~finite & has).sum())} spectra (a diverged encoder?)")
-        out[~has] = 0.0
         return out, has.astype(np.float32)[:, None].repeat(self.dim, axis=1)
 
 
@@ -230,6 +326,22 @@ def embed_store(raw_store: str | Path, output: str | Path, *, encoder: str | Pat
     return {"output": str(output), "n_spectra": n, "dim": feat.dim, "featurizer": feat.name,
             "encoder_sha256": feat.encoder_sha256, "pooling": pooling, "source_store": str(raw_store),
             "checksum": checksum}
+
+
+def raw_settings(name: str, config: dict[str, Any]) -> str:
+    """``--featurizer NAME --set k=v ...`` for the keys of ``config`` that differ from the
+    installed featurizer's defaults: how to make stores with the features an encoder reads."""
+    import json
+
+    from stxcli.pipeline import build_featurizer
+
+    try:
+        defaults = build_featurizer(name, {}).config()
+    except StxError:
+        defaults = {}
+    sets = [f"--set {k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(config.items())
+            if defaults.get(k, object()) != v]
+    return " ".join([f"--featurizer {name}", *sets])
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -325,16 +437,21 @@ def register_commands(app: Any) -> None:
     @enc.command("info")
     def info(path: Path = typer.Argument(..., help="Encoder directory."),
              json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-        """Show an encoder's architecture, raw grid and training summary; verify its weights' sha256."""
+        """Show an encoder's architecture, raw grid and training summary; verify its weights' sha256.
+
+        `raw_settings` gives the --set options that make raw stores for this encoder (what
+        `stx finetune --set target=encoder` needs as target store)."""
         from ..encoder.io import read_manifest, verify_weights
 
         m = read_manifest(path)
         _, sha = verify_weights(path, m)
         tr = m.get("training", {})
+        rawinfo = m["raw_featurizer"]
         summary = {
             "path": str(path), "encoder_sha256": sha, "verified": True,
             "n_params": m["weights"].get("n_params"), "architecture": m["architecture"],
-            "raw_featurizer": {k: m["raw_featurizer"].get(k) for k in ("name", "version", "key")},
+            "raw_featurizer": {k: rawinfo.get(k) for k in ("name", "version", "key")},
+            "raw_settings": raw_settings(str(rawinfo.get("name", "raw")), dict(rawinfo.get("config", {}))),
             "grid": m.get("grid"), "pooling": {k: v for k, v in m.get("pooling", {}).items() if isinstance(v, bool)},
             "n_train": tr.get("n_train"), "n_val": tr.get("n_val"), "best_epoch": tr.get("best_epoch"),
             "epochs_run": tr.get("epochs_run"), "best_val_mse": tr.get("best_val_mse"),
