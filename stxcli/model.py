@@ -24,8 +24,11 @@ import torch
 from torch import nn
 
 from . import console
-from .errors import ModelFileError, UsageError
+from .errors import ModelFileError, StxError, UsageError
 from .modelfile import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelDir
+
+#: the sub-folder of a fine-tuned model holding an adapter's encoder part (peft-like layout)
+ENCODER_FOLDER = "encoder/"
 
 TRANSFORMS = ("identity", "log10")
 #: Teff as log10 Teff: a model linear in Teff fails on hot and cool stars.
@@ -148,6 +151,53 @@ class StxNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.standardize(x))
+
+    #: rows that :meth:`forward_rows` takes at once in evaluation (standardised features: many)
+    row_batch = 4096
+
+    def forward_rows(self, x: torch.Tensor, ivar: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network on training rows as :class:`stxcli.train.Batches` holds them: features
+        already standardised (``ivar`` unused)."""
+        return self.head(x)
+
+
+class FrontNet(nn.Module):
+    """A model whose input is the features a *front* consumes (the raw spectrum and its ivar):
+    ``front`` (from the base featurizer's ``front()``: the spectral encoder + pooling, partly
+    trainable) -> the head's feature standardisation -> head. What the encoder adapters train."""
+
+    needs_ivar = True
+    #: spectra per front pass in evaluation (attention over hundreds of tokens: keep it small)
+    row_batch = 64
+
+    def __init__(self, front: nn.Module, net: StxNet) -> None:
+        super().__init__()
+        self.front = front
+        self.net = net
+
+    @property
+    def head(self) -> nn.Module:
+        return self.net.head
+
+    @property
+    def feature_mean(self) -> torch.Tensor:
+        return self.net.feature_mean
+
+    @property
+    def feature_scale(self) -> torch.Tensor:
+        return self.net.feature_scale
+
+    def embed(self, x: torch.Tensor, ivar: torch.Tensor) -> torch.Tensor:
+        """Standardised front output (what the head sees)."""
+        return self.net.standardize(self.front(x, ivar))
+
+    def forward_rows(self, x: torch.Tensor, ivar: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if ivar is None:
+            raise ValueError("a model with a front (encoder) needs the ivar of its input features")
+        return self.net.head(self.embed(x, ivar))
+
+    def forward(self, x: torch.Tensor, ivar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_rows(x, ivar)
 
 
 def feature_norm(mean: np.ndarray, std: np.ndarray, floor: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
@@ -369,6 +419,48 @@ def attach_saved_adapter(mdir: ModelDir, base: StxNet, folder: str = "") -> tupl
     return adapter, head
 
 
+def front_featurizer(entry: dict[str, Any], where: Any) -> Any:
+    """The featurizer of ``entry`` (name, version, config, key), rebuilt, that can give a
+    trainable front (``front()``, ``front_input()``: the ``transformer`` featurizer's encoder);
+    a one-line error when it is not installed or cannot."""
+    from .pipeline import build_featurizer
+    from .registry import get_registry
+    from .train import featurizer_identity
+
+    name = entry["name"]
+    reg = get_registry()
+    if name not in reg.items["featurizer"]:
+        known = ", ".join(reg.names("featurizer")) or "none"
+        raise ModelFileError(f"{where}: needs featurizer {name!r}, which is not installed (installed: {known})")
+    feat = build_featurizer(name, entry["config"])
+    if not callable(getattr(feat, "front", None)) or not callable(getattr(feat, "front_input", None)):
+        raise UsageError(f"{where}: was trained on {name!r} features, which have no encoder in front to "
+                         f"fine-tune; use the adapter's head-only default (target=head)")
+    now = {"name": feat.name, "version": str(feat.version), "config": feat.config()}
+    from .store import featurizer_key
+
+    now["key"] = featurizer_key(now["name"], now["version"], now["config"])
+    if featurizer_identity(now) != featurizer_identity(entry):
+        raise ModelFileError(f"{where}: the installed featurizer {name} {feat.version} does not reproduce the "
+                             f"recorded one ({entry.get('version')}): its embeddings would differ")
+    return feat
+
+
+def attach_saved_encoder(mdir: ModelDir, adapter: Any, front: nn.Module, folder: str = "") -> nn.Module:
+    """Attach the adapter's encoder part to ``front`` and load its tensors from
+    ``folder/encoder/``; return the front."""
+    rel = f"{folder}{ENCODER_FOLDER}{ADAPTER_WEIGHTS}"
+    mdir.json(f"{folder}{ENCODER_FOLDER}{ADAPTER_CONFIG}")  # listed and verified, like the weights
+    front = adapter.attach_encoder(front)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in mdir.tensors(rel).items()}
+    try:
+        adapter.load_encoder_state_dict(front, state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{mdir.path / rel}: encoder adapter weights do not fit the encoder ({first})") from exc
+    return front
+
+
 @dataclass
 class LoadedModel:
     """Everything predict needs, rebuilt from a model directory's manifest alone."""
@@ -380,22 +472,49 @@ class LoadedModel:
     domains: list[DomainModel]
     featurizer: dict[str, Any]
     input_dim: int
+    #: a model fine-tuned through its encoder: raw features + ivar -> embedding (eval mode)
+    front: nn.Module | None = None
     _zbuf: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def label_names(self) -> list[str]:
         return [s.name for s in self.specs]
 
+    @property
+    def needs_ivar(self) -> bool:
+        """Whether :meth:`predict` needs the features' ivar (the encoder masks ivar-0 pixels)."""
+        return self.front is not None
+
     def to(self, device: str) -> "LoadedModel":
         self.nets = [n.to(device) for n in self.nets]
+        if self.front is not None:
+            self.front = self.front.to(device)
         return self
 
+    def _embed(self, x: np.ndarray, ivar: np.ndarray | None, device: str) -> np.ndarray:
+        if ivar is None:
+            raise StxError(f"{self.mdir.path}: this model's input is raw spectra run through its encoder; "
+                             "predicting needs the features' ivar too")
+        assert self.front is not None
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        ivar = np.ascontiguousarray(ivar, dtype=np.float32)
+        step = 512 if str(device).startswith("cuda") else FrontNet.row_batch
+        out = np.empty((x.shape[0], int(self.nets[0].feature_mean.shape[0])), np.float32)
+        for s in range(0, x.shape[0], step):
+            e = min(s + step, x.shape[0])
+            out[s:e] = self.front(torch.from_numpy(x[s:e]).to(device),
+                                  torch.from_numpy(ivar[s:e]).to(device)).float().cpu().numpy()
+        return out
+
     @torch.no_grad()
-    def predict(self, x: np.ndarray, device: str = "cpu") -> dict[str, np.ndarray]:
+    def predict(self, x: np.ndarray, device: str = "cpu", ivar: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Features (B, D) -> physical ``value`` and ``err`` (B, L) and ``out_of_domain`` (B,).
+        A model with an encoder front takes raw features and needs their ``ivar``.
 
         The batch-sized work (standardisation into a reused buffer, the networks, the domain
         projections) runs in torch; the few numbers per star after it in numpy."""
+        if self.front is not None:
+            x = self._embed(x, ivar, device)
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
         n, L = xt.shape[0], len(self.specs)
         buf = self._zbuf
@@ -437,11 +556,27 @@ def load_model(path: Any, *, merge: bool = True) -> LoadedModel:
         domains.append(DomainModel.from_tensors(mdir.tensors("domain.safetensors"), m["domain"]))
     folders = m["adapter"].get("folders", {"": ""})  # adapter name -> folder
     selection = m["adapter"].get("selection")  # label -> adapter name (auto)
+    enc = m.get("encoder")
+    if enc and len(folders) != 1:
+        raise ModelFileError(f"{mdir.path}: an encoder-adapted model holds exactly one adapter")
+    front = None
     nets, names = [], []
     for aname, folder in folders.items():
         adapter, head = attach_saved_adapter(mdir, base, folder)
         if merge:
             head = adapter.merge(head)
+        if enc:
+            if not getattr(adapter, "targets_encoder", False):
+                raise ModelFileError(f"{mdir.path}: the manifest records an encoder, but adapter "
+                                     f"{adapter.name} {adapter.config()} does not fine-tune one")
+            feat = front_featurizer(enc["featurizer"], mdir.path)
+            if feat.encoder_sha256 != enc["encoder_sha256"]:
+                raise ModelFileError(f"{mdir.path}: its base encoder sha256 {enc['encoder_sha256'][:16]}... is not "
+                                     f"the one the featurizer found ({feat.encoder_sha256[:16]}...)")
+            front = attach_saved_encoder(mdir, adapter, feat.front(), folder)
+            if merge:
+                front = adapter.merge_encoder(front)
+            front.eval()
         net = StxNet(head, base.feature_mean, base.feature_scale)
         net.eval()
         nets.append(net)
@@ -450,5 +585,7 @@ def load_model(path: Any, *, merge: bool = True) -> LoadedModel:
         label_net = [names.index(selection[s.name]) for s in specs]
     else:
         label_net = [0] * len(specs)
+    if enc:  # the model's input is what the encoder consumes (raw features), not embeddings
+        return LoadedModel(mdir, specs, nets, label_net, domains, m["featurizer"], int(m["input_dim"]), front)
     return LoadedModel(mdir, specs, nets, label_net, domains, base_dir.manifest["featurizer"],
                        int(base_dir.manifest["input_dim"]))

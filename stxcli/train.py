@@ -164,6 +164,23 @@ class ArraySource(Source):
         return np.stack([self._labels.get(n, np.full(self.n, np.nan, np.float32)) for n in names], 1)
 
 
+def featurizer_identity(entry: dict[str, Any]) -> str:
+    """What makes two featurizer entries (``name``, ``version``, ``config``, ``key``) give the
+    same numbers. A featurizer whose config also says *where* or *on what device* (the
+    ``transformer``'s encoder path) offers ``identity_config(config)``: the part that determines
+    the numbers, hashed here; for any other, or one not installed, it is the recorded ``key``."""
+    from .registry import get_registry
+    from .store import featurizer_key
+
+    name = str(entry.get("name"))
+    reg = get_registry()
+    if name in reg.items["featurizer"]:
+        ident = getattr(reg.get("featurizer", name), "identity_config", None)
+        if callable(ident):
+            return featurizer_key(name, str(entry.get("version")), ident(dict(entry.get("config") or {})))
+    return str(entry.get("key"))
+
+
 def open_stores(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[Source]:
     """Open stores for one run; they must share one featurizer config (an error names both)."""
     if weights is not None and len(weights) != len(paths):
@@ -177,7 +194,7 @@ def open_stores(paths: Sequence[str | Path], weights: Sequence[float] | None = N
             src = StoreSource(p, w)
             sources.append(src)
             first = sources[0]
-            if src.featurizer["key"] != first.featurizer["key"]:
+            if featurizer_identity(src.featurizer) != featurizer_identity(first.featurizer):
                 raise StxError(f"{first.name} and {src.name} were made with different featurizer configs "
                                f"({_fdesc(first.featurizer)} vs {_fdesc(src.featurizer)}); "
                                f"featurize both with the same settings")
@@ -195,7 +212,7 @@ def _fdesc(f: dict[str, Any]) -> str:
 
 
 def check_featurizer(source: Source, featurizer: dict[str, Any], model_path: Any) -> None:
-    if source.featurizer["key"] != featurizer["key"]:
+    if featurizer_identity(source.featurizer) != featurizer_identity(featurizer):
         raise ModelFileError(f"{source.name} was made with another featurizer config than model {model_path} "
                              f"({_fdesc(source.featurizer)} vs {_fdesc(featurizer)}); featurize it with "
                              f"the model's settings (see the manifest's featurizer entry)")
@@ -446,22 +463,26 @@ def feature_stats(batches: Batches) -> tuple[np.ndarray, np.ndarray]:
     return s1, np.sqrt(s2 / max(n - 1, 1))
 
 
-def sample_rows(batches: Batches, max_rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``max_rows`` rows, read as whole chunks in random order."""
+def sample_rows(batches: Batches, max_rows: int, rng: np.random.Generator, ivar: bool = False) -> Any:
+    """Up to ``max_rows`` rows, read as whole chunks in random order (with ``ivar``: the pair
+    ``(rows, their ivar)``; the batches must hold the ivar)."""
     if batches.cached:
-        x = batches.t[0]
+        x, iv = batches.t[0], batches.t[1]
         n = x.shape[0]
-        if n <= max_rows:
-            return x.numpy()
-        return x[np.sort(rng.choice(n, max_rows, replace=False))].numpy()
-    out, got = [], 0
+        if n > max_rows:
+            idx = np.sort(rng.choice(n, max_rows, replace=False))
+            x, iv = x[idx], (iv[idx] if ivar else None)
+        return (x.numpy(), iv.numpy()) if ivar else x.numpy()
+    out, ivs, got = [], [], 0
     order = rng.permutation(len(batches.rows.chunks))
-    for x, _, _, _ in batches.rows.iter_chunks(order):
+    for x, iv, _, _ in batches.rows.iter_chunks(order):
         out.append(x[: max_rows - got])
+        if ivar:
+            ivs.append(iv[: max_rows - got])
         got += len(out[-1])
         if got >= max_rows:
             break
-    return np.concatenate(out)
+    return (np.concatenate(out), np.concatenate(ivs)) if ivar else np.concatenate(out)
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -554,9 +575,9 @@ class PredStats:
     y: np.ndarray  # (N, L) standardised truth, NaN where missing
 
 
-def predict_rows(net: Any, batches: Batches, device: str, batch_size: int = 4096) -> PredStats:
-    """Run ``net`` on every (standardised) row in eval mode: the ensemble-combined mean/var and
-    the NLL."""
+def predict_rows(net: Any, batches: Batches, device: str, batch_size: int | None = None) -> PredStats:
+    """Run ``net`` on every row in eval mode (standardised features, or raw features + ivar for
+    a net with an encoder front): the ensemble-combined mean/var and the NLL."""
     import torch
 
     from .model import combine_members
@@ -565,10 +586,16 @@ def predict_rows(net: Any, batches: Batches, device: str, batch_size: int = 4096
     net.eval()
     means, vars_, ys = [], [], []
     tot, den = 0.0, 0.0
+    front = bool(getattr(net, "needs_ivar", False))
+    step = batch_size or getattr(net, "row_batch", 4096)  # a front (encoder) takes few rows at once
     with torch.no_grad():
-        for x, _, y, w in batches.chunks(batch_size):
-            xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
-            mu, lv = net.head(xt)
+        for x, iv, y, w in batches.chunks(step):
+            parts = []
+            for s in range(0, len(x), step):
+                xt = torch.from_numpy(np.ascontiguousarray(x[s:s + step])).to(device)
+                ivt = torch.from_numpy(np.ascontiguousarray(iv[s:s + step])).to(device) if front else None
+                parts.append(net.forward_rows(xt, ivt))
+            mu, lv = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
             m, v = combine_members(mu, lv)
             yt = torch.from_numpy(y).to(device)
             wt = torch.from_numpy(w).to(device)
@@ -636,6 +663,7 @@ def fit_gradient(net: Any, param_groups: list[dict[str, Any]], train: Batches, v
     bad = 0
     t0 = time.perf_counter()
     net.to(device)
+    front = bool(getattr(net, "needs_ivar", False))  # raw features + ivar -> encoder -> head
     with console.progress(title, total=hp["epochs"]) as bar:
         for epoch in range(1, hp["epochs"] + 1):
             net.train()
@@ -643,11 +671,12 @@ def fit_gradient(net: Any, param_groups: list[dict[str, Any]], train: Batches, v
             te = time.perf_counter()
             for x, iv, y, w in train.epoch(rng, hp["batch_size"]):
                 x = x.to(device, non_blocking=True)
-                if opts.augment_noise > 0 and iv is not None:
+                if iv is not None and (front or opts.augment_noise > 0):
                     iv = iv.to(device)
+                if opts.augment_noise > 0 and iv is not None:
                     sigma = torch.where(iv > 0, iv.clamp_min(1e-30).rsqrt(), torch.zeros_like(iv))
                     x = x + opts.augment_noise * sigma * torch.randn(x.shape, generator=gen, device=device)
-                mean, logvar = net.head(x)
+                mean, logvar = net.forward_rows(x, iv)
                 loss = gaussian_nll(mean, logvar, y.to(device), w.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -707,32 +736,56 @@ def prepare(sources: list[Source], label_names: list[str], opts: TrainOptions) -
     return Prepared(sources, label_names, y, split)
 
 
-def build_batches(prep: Prepared, specs: list[Any], opts: TrainOptions) -> None:
+def build_batches(prep: Prepared, specs: list[Any], opts: TrainOptions, need_ivar: bool = False) -> None:
+    """Training and validation batches; ``need_ivar``: the model reads the features' ivar (an
+    encoder front masks ivar-0 pixels), so both sets carry it."""
     from .model import encode_labels
 
     prep.specs = specs
     y_std = [encode_labels(specs, y) for y in prep.y_phys]
-    want_ivar = opts.augment_noise > 0
+    want_ivar = opts.augment_noise > 0 or need_ivar
     dim = prep.sources[0].dim
     per_row = dim * 4 * (2 if want_ivar else 1)
     cache_train = prep.split.n_train * per_row <= opts.cache_mb * 2**20
     cache_val = (prep.split.n_train + prep.split.n_val) * per_row <= opts.cache_mb * 2**20
     rows_tr = RowSet(prep.sources, prep.split.train, y_std, opts.chunk_rows, want_ivar)
-    rows_va = RowSet(prep.sources, prep.split.val, y_std, opts.chunk_rows, False)
+    rows_va = RowSet(prep.sources, prep.split.val, y_std, opts.chunk_rows, need_ivar)
     prep.train = Batches(rows_tr, cache_train, opts.buffer_chunks)
     prep.val = Batches(rows_va, cache_val and cache_train, opts.buffer_chunks)
     console.info(f"{prep.split.n_train} training and {prep.split.n_val} validation stars "
                  f"({'in memory' if cache_train else 'streamed from the store'})")
 
 
-def fit_domain(train: Batches, val: Batches, seed: int, max_rows: int = 4096) -> Any:
-    """The training-domain model from (standardised) training and validation rows."""
+def fit_domain(train: Batches, val: Batches, seed: int, max_rows: int = 4096, net: Any = None,
+               device: str = "cpu") -> Any:
+    """The training-domain model from (standardised) training and validation rows; with ``net``
+    (a :class:`~stxcli.model.FrontNet`), from its standardised embeddings of raw rows."""
     from .model import DomainModel
 
     rng = np.random.default_rng(seed + 3)
-    z_fit = sample_rows(train, max_rows, rng)
-    z_cal = sample_rows(val, max_rows, rng)
+    if net is None:
+        z_fit = sample_rows(train, max_rows, rng)
+        z_cal = sample_rows(val, max_rows, rng)
+    else:
+        z_fit = _embed_rows(net, *sample_rows(train, max_rows, rng, ivar=True), device)
+        z_cal = _embed_rows(net, *sample_rows(val, max_rows, rng, ivar=True), device)
     return DomainModel.fit(z_fit, z_cal, seed=seed)
+
+
+def _embed_rows(net: Any, x: np.ndarray, iv: np.ndarray, device: str) -> np.ndarray:
+    """A front net's standardised embeddings of raw rows, in its evaluation batches."""
+    import torch
+
+    was = net.training
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(x), net.row_batch):
+            out.append(net.embed(torch.from_numpy(np.ascontiguousarray(x[s:s + net.row_batch])).to(device),
+                                 torch.from_numpy(np.ascontiguousarray(iv[s:s + net.row_batch])).to(device))
+                       .cpu().numpy())
+    net.train(was)
+    return np.concatenate(out) if out else np.zeros((0, int(net.feature_mean.shape[0])), np.float32)
 
 
 def _now() -> str:
@@ -879,8 +932,13 @@ def finetune(base_path: str | Path, target: str | Path, out: str | Path, *, adap
              adapter_config: dict[str, Any] | None = None, opts: TrainOptions | None = None,
              embed_base: bool = False, scratch: bool = False, name: str | None = None) -> dict[str, Any]:
     """``stx finetune``: adapt a pretrained model to a target store (or, with ``scratch``, train
-    the base's head architecture from scratch on the same target stars: the target-only baseline)."""
-    from .model import load_base_net, make_adapter
+    the base's head architecture from scratch on the same target stars: the target-only baseline).
+
+    An adapter with ``targets_encoder`` (``lora``/``full`` with ``target=encoder...``) fine-tunes
+    the encoder in front of a head trained on encoder embeddings: the target store then holds the
+    RAW features the encoder consumes (its featurizer's ``front_input()``), and the model becomes
+    front (encoder + pooling) -> the head's standardisation -> head."""
+    from .model import front_featurizer, load_base_net, make_adapter
     from .modelfile import ModelDir
 
     opts = opts or TrainOptions()
@@ -890,17 +948,32 @@ def finetune(base_path: str | Path, target: str | Path, out: str | Path, *, adap
         raise ModelFileError(f"{bdir.path}: fine-tune a pretrained model (this one is {bdir.kind})")
     base_net, specs = load_base_net(bdir)  # verifies every weight file and the plugins first
     sel = None
+    front_feat = None
     if not scratch:
         sel = make_adapter(adapter, adapter_config)
         cand_cfg = getattr(sel, "candidate_config", {}) or {}
         for c in getattr(sel, "candidates", []) or []:  # a bad candidate fails now, not after hours
             if c == sel.name:
                 raise UsageError(f"adapter {sel.name}: cannot be its own candidate")
-            make_adapter(c, cand_cfg.get(c))
+            if getattr(make_adapter(c, cand_cfg.get(c)), "targets_encoder", False):
+                raise UsageError(f"adapter {sel.name}: candidate {c} fine-tunes the encoder; {sel.name} "
+                                 f"compares head adapters only (run the encoder adapter on its own)")
+        if getattr(sel, "targets_encoder", False):
+            front_feat = front_featurizer(bdir.manifest["featurizer"], f"model {bdir.path}")
     device = setup_torch(opts)
     sources = open_stores([target])
     try:
-        check_featurizer(sources[0], bdir.manifest["featurizer"], bdir.path)
+        if front_feat is not None:
+            check_front_input(sources[0], front_feat, bdir)
+        else:
+            try:
+                check_featurizer(sources[0], bdir.manifest["featurizer"], bdir.path)
+            except ModelFileError as exc:
+                if _has_front(bdir.manifest["featurizer"]["name"]) and sources[0].featurizer["name"] != \
+                        bdir.manifest["featurizer"]["name"]:
+                    raise ModelFileError(f"{exc}; to fine-tune the encoder on {sources[0].featurizer['name']} "
+                                         f"features use --adapter lora or full with --set target=encoder+head") from exc
+                raise
         names = [s.name for s in specs]
         missing = [n for n in names if n not in sources[0].label_names()]
         if missing:
@@ -916,45 +989,86 @@ def finetune(base_path: str | Path, target: str | Path, out: str | Path, *, adap
             extra = {"from_scratch": True, "architecture_of": {"path": str(bdir.path),
                                                                 "manifest_sha256": bdir.manifest_sha256}}
             return save_pretrained(out, prep, t, opts, device, name=name, extra=extra)
-        build_batches(prep, specs, opts)
-        return _finetune_adapters(bdir, base_net, specs, prep, sel, opts, device, out, embed_base, name)
+        build_batches(prep, specs, opts, need_ivar=front_feat is not None)
+        return _finetune_adapters(bdir, base_net, specs, prep, sel, opts, device, out, embed_base, name,
+                                  front_feat)
     finally:
         for s in sources:
             s.close()
 
 
-def _train_adapter(adapter: Any, base_net: Any, prep: Prepared, opts: TrainOptions, device: str) -> dict[str, Any]:
+def _has_front(featurizer_name: str) -> bool:
+    """Whether the installed featurizer of that name has an encoder that adapters can reach."""
+    from .registry import get_registry
+
+    reg = get_registry()
+    return featurizer_name in reg.items["featurizer"] and hasattr(reg.get("featurizer", featurizer_name), "front")
+
+
+def check_front_input(source: Source, feat: Any, bdir: Any) -> None:
+    """The target store of an encoder adapter must hold the features the encoder consumes: those
+    of ``feat.front_input()`` (the raw featurizer the encoder was trained on); one-line errors."""
+    want = feat.front_input()
+    have = source.featurizer
+    if featurizer_identity(have) == featurizer_identity(want):
+        return
+    if have["name"] != want["name"]:
+        extra = (" (it holds the embeddings the head was trained on)" if have["name"] == bdir.manifest["featurizer"]["name"]
+                 else "")
+        raise StxError(f"{source.name} was made by the {have['name']!r} featurizer{extra}; an adapter that reaches "
+                       f"into the encoder trains on the spectra the encoder reads: featurize the target stars with "
+                       f"--featurizer {want['name']} and the encoder's {want['name']} config (stx encoder info ENCODER)")
+    old, now = have.get("config") or {}, want.get("config") or {}
+    diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
+    what = f"config keys {', '.join(diff)} differ" if diff else f"version {have['version']} vs {want['version']}"
+    raise StxError(f"{source.name} was made with another {want['name']} config than the encoder of model {bdir.path} "
+                   f"({what}; store key {str(have['key'])[:12]}, encoder's {want['name']} key {str(want['key'])[:12]}); "
+                   f"featurize the target stars with the encoder's settings")
+
+
+def _train_adapter(adapter: Any, base_net: Any, prep: Prepared, opts: TrainOptions, device: str,
+                   front_feat: Any = None) -> dict[str, Any]:
     import copy
 
     import torch
 
-    from .model import StxNet, count_trainable
+    from .model import FrontNet, StxNet, count_trainable
 
     torch.manual_seed(opts.seed)
     head = adapter.attach(copy.deepcopy(base_net.head))
-    net = StxNet(head, base_net.feature_mean, base_net.feature_scale)
+    net: Any = StxNet(head, base_net.feature_mean, base_net.feature_scale)
     groups = adapter.param_groups(head)
+    front = None
+    if front_feat is not None:
+        front = adapter.attach_encoder(front_feat.front())
+        groups = groups + adapter.encoder_param_groups(front)
+        net = FrontNet(front, net)
     hp = opts.resolve(adapter.training_defaults())
     n_params = count_trainable(net)
     res = fit_gradient(net, groups, prep.train, prep.val, hp, opts, device, f"finetune {adapter.name}")
     val = label_report(prep.specs, predict_rows(net, prep.val, device))
     net.cpu()
-    return {"adapter": adapter, "net": net, "head": head, "fit": res, "hp": hp, "validation": val,
-            "trainable_params": n_params}
+    return {"adapter": adapter, "net": net, "head": head, "front": front, "fit": res, "hp": hp,
+            "validation": val, "trainable_params": n_params}
 
 
 def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepared, sel: Any,
                        opts: TrainOptions, device: str, out: Path, embed_base: bool,
-                       name: str | None) -> dict[str, Any]:
+                       name: str | None, front_feat: Any = None) -> dict[str, Any]:
     import os
 
-    from .model import make_adapter, plugin_info
+    from .model import ENCODER_FOLDER, FrontNet, make_adapter, plugin_info
     from .modelfile import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_model_dir
+    from .store import featurizer_key
 
     assert prep.train is not None and prep.val is not None
-    prep.train.standardize(base_net.feature_mean.numpy(), base_net.feature_scale.numpy())
-    prep.val.standardize(base_net.feature_mean.numpy(), base_net.feature_scale.numpy())
-    zero_shot = label_report(specs, predict_rows(base_net.to(device), prep.val, device))
+    if front_feat is None:
+        prep.train.standardize(base_net.feature_mean.numpy(), base_net.feature_scale.numpy())
+        prep.val.standardize(base_net.feature_mean.numpy(), base_net.feature_scale.numpy())
+        zero_shot = label_report(specs, predict_rows(base_net.to(device), prep.val, device))
+    else:  # raw rows: the (frozen, unadapted) encoder makes the embeddings the base head expects
+        zero_shot = label_report(specs, predict_rows(FrontNet(front_feat.front(), base_net).to(device),
+                                                     prep.val, device))
     base_net.cpu()
     candidates = list(getattr(sel, "candidates", []) or [])
     selector = bool(candidates)
@@ -968,10 +1082,14 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
         used = [c for c in candidates if c in set(choice.values())]
         folders = {c: f"adapters/{c}/" for c in used}
     else:
-        runs = {sel.name: _train_adapter(sel, base_net, prep, opts, device)}
+        runs = {sel.name: _train_adapter(sel, base_net, prep, opts, device, front_feat)}
         scores, choice, used = None, None, [sel.name]
         folders = {sel.name: ""}
-    domain = fit_domain(prep.train, prep.val, opts.seed)
+    if front_feat is None:
+        domain = fit_domain(prep.train, prep.val, opts.seed)
+    else:
+        domain = fit_domain(prep.train, prep.val, opts.seed, net=runs[sel.name]["net"].to(device), device=device)
+        runs[sel.name]["net"].cpu()
 
     tensors: dict[str, dict[str, Any]] = {"domain.safetensors": domain.tensors()}
     json_files: dict[str, Any] = {}
@@ -981,6 +1099,12 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
         entry = {**plugin_info("adapter", ad.name), "config": ad.config()}
         json_files[f"{folders[c]}{ADAPTER_CONFIG}"] = {**ad.adapter_config(), "stx_adapter": entry}
         tensors[f"{folders[c]}{ADAPTER_WEIGHTS}"] = ad.state_dict(r["head"])
+        if r["front"] is not None:
+            enc_rel = f"{folders[c]}{ENCODER_FOLDER}"
+            json_files[f"{enc_rel}{ADAPTER_CONFIG}"] = {
+                **ad.encoder_adapter_config(), "stx_adapter": entry,
+                "stx_encoder": {"encoder_sha256": front_feat.encoder_sha256, "pooling": front_feat.pooling}}
+            tensors[f"{enc_rel}{ADAPTER_WEIGHTS}"] = ad.encoder_state_dict(r["front"])
     base_entry: dict[str, Any] = {"manifest_sha256": bdir.manifest_sha256, "name": bdir.name,
                                   "embedded": embed_base}
     copy_dirs = {}
@@ -1034,10 +1158,24 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
         "validation": validation,
         "domain": domain.info(),
     }
+    if front_feat is not None:
+        # the model's input is what the encoder reads: predict featurizes with it and checks stores
+        # against it; the encoder is rebuilt from the base's featurizer entry (path found now)
+        fcfg = front_feat.config()
+        manifest["featurizer"] = prep.sources[0].featurizer
+        manifest["input_dim"] = prep.sources[0].dim
+        manifest["encoder"] = {
+            "featurizer": {"name": front_feat.name, "version": str(front_feat.version), "config": fcfg,
+                           "key": featurizer_key(front_feat.name, str(front_feat.version), fcfg)},
+            **front_feat.front_info(), "folder": ENCODER_FOLDER,
+            "target": getattr(sel, "target", "encoder"),
+        }
     sha = write_model_dir(out, manifest, tensors=tensors, json_files=json_files, copy_dirs=copy_dirs)
     s = summary(manifest, out, sha)
     s["n_target_stars"] = prep.split.n_train + prep.split.n_val
     s["adapter"] = sel.name
+    if front_feat is not None:
+        s["target"] = manifest["encoder"]["target"]
     if selector:
         s["selection"] = choice
     return s

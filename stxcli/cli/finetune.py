@@ -17,10 +17,10 @@ def register(app: typer.Typer) -> None:
     @app.command("finetune")
     def finetune_cmd(
         model: Path = typer.Argument(..., help="Pretrained model directory."),
-        target: Path = typer.Argument(..., help="Feature store of labelled target stars (same featurizer config)."),
+        target: Path = typer.Argument(..., help="Feature store of labelled target stars: same featurizer config as the model, or, for an adapter that reaches into the encoder (--set target=encoder), a raw store with the encoder's raw config."),
         output: Path = typer.Option(..., "-o", "--output", help="Fine-tuned model directory to write."),
         adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter plugin: residual, lora, full, auto, ..."),
-        settings: Optional[list[str]] = typer.Option(None, "--set", help="Adapter option key=value (repeatable), e.g. --set r=8."),
+        settings: Optional[list[str]] = typer.Option(None, "--set", help="Adapter option key=value (repeatable), e.g. --set r=8, or --set target=encoder / encoder+head (lora, full) to fine-tune the spectral encoder too."),
         scratch: bool = typer.Option(False, "--scratch", help="No adapter: train the base's head architecture from scratch on the same target stars (the target-only baseline)."),
         embed_base: bool = typer.Option(False, "--embed-base", help="Copy the base model into OUT/base/ instead of referencing it by path + sha256."),
         name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the directory name)."),
@@ -39,7 +39,19 @@ def register(app: typer.Typer) -> None:
         pre-training pays). The numbers of target stars and trainable parameters are reported
         and stored.
 
-        Example: stx finetune base/ desi.h5 --adapter lora --set r=8 --n-train 300 -o lora300/
+        By default adapters change the head only. For a model trained on transformer embeddings,
+        lora and full can also reach into the spectral encoder: --set target=encoder (LoRA on
+        the encoder's attention and MLP layers, head frozen) or target=encoder+head (both); with
+        full, the encoder trains at encoder_lr_scale (0.1) x the learning rate. TARGET is then a
+        store made by the raw featurizer with the encoder's raw config (stx encoder info ENC).
+
+        Examples:
+
+          stx finetune base/ desi.h5 --adapter lora --set r=8 --n-train 300 -o lora300/
+
+          stx finetune emb_base/ desi_raw.h5 --adapter lora --set target=encoder+head -o enc_lora/
+
+          stx finetune emb_base/ desi_raw.h5 --adapter full --set target=encoder+head -o enc_full/
         """
         from ..train import finetune
 
