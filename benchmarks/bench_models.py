@@ -9,13 +9,25 @@
 2. Predict from a feature store (``stx predict``: chunked HDF5 reads, the model, the
    training-domain scores, delta-method errors, flags, the streamed FITS catalog) against bare
    MLP inference on in-memory tensors. Target: >= 0.8x the bare rate.
-The feature store is synthetic (random features with labels linear in them): speed does not
-depend on the values. Writes benchmarks/results/models.json.
+3. Fine-tune epoch (``stx finetune`` with ``residual``, ``lora`` and ``full`` on a target store of
+   ``--n-finetune`` stars, the adapters' default batch size and learning rate; per-epoch times from
+   the model's manifest) against a bare torch loop training the same trainable parameters
+   (written here in plain torch: a frozen MLP with a zero-initialised correction network on its
+   last hidden layer; rank-4 LoRA factors on every linear layer; every weight) on in-memory
+   tensors. The counts of trainable parameters are checked equal. Reported in spectra/s per
+   epoch, training pass alone and with stx's validation pass.
+4. Predict end to end from DESI coadd files (``stx predict MODEL FILES``: read, raw featurization
+   on the fly, the model, the catalog) against specutils' ``SpectrumList.read`` of the same files
+   alone (issue 4: stx should be faster). The files are hard links of one coadd tiled from the
+   real EDR rows; the model is a raw-feature MLP of the same size (:func:`_common.raw_model`).
+The feature stores of 1-3 are synthetic (random features with labels linear in them): speed does
+not depend on the values. Writes benchmarks/results/models.json (``--quick``: models-quick.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -26,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write  # noqa: E402
+from _common import loadavg, raw_model, write  # noqa: E402
 
 os.environ.setdefault("STX_LOAD_PLUGINS", "stx")
 
@@ -101,6 +113,171 @@ def bare_inference(x, hidden: list[int], n_labels: int, chunk: int) -> float:
     return time.perf_counter() - t0
 
 
+ADAPTERS = ("residual", "lora", "full")
+
+
+def bare_finetune_net(adapter: str, dim: int, hidden: list[int], n_labels: int, seed: int):
+    """Plain-torch equivalent of an adapted MLP: returns ``(forward, trainable params)``;
+    ``forward(x)`` gives (B, 2L) outputs. Residual: the frozen MLP plus a 64-wide correction
+    network on its last hidden layer; lora: rank-4 factors (alpha 8) beside every frozen linear
+    layer; full: every weight."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    dims = [dim, *hidden]
+    layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+    out = nn.Linear(dims[-1], 2 * n_labels)
+    act = nn.SiLU()
+    base = nn.ModuleList([*layers, out])
+    if adapter == "full":
+        def forward(x):
+            for lin in layers:
+                x = act(lin(x))
+            return out(x)
+        return forward, list(base.parameters())
+    for p in base.parameters():
+        p.requires_grad_(False)
+    if adapter == "residual":
+        delta = nn.Sequential(nn.Linear(dims[-1], 64), nn.SiLU(), nn.Linear(64, 2 * n_labels))
+
+        def forward(x):
+            with torch.no_grad():
+                for lin in layers:
+                    x = act(lin(x))
+                o = out(x)
+            return o + delta(x)
+        return forward, list(delta.parameters())
+    if adapter == "lora":
+        r, scale = 4, 8.0 / 4
+        factors = [(nn.Parameter(torch.randn(r, m.in_features) / m.in_features ** 0.5),
+                    nn.Parameter(torch.zeros(m.out_features, r))) for m in base]
+
+        def lin_lora(i, x):
+            a, b = factors[i]
+            return base[i](x) + (x @ a.T) @ b.T * scale
+
+        def forward(x):
+            for i in range(len(layers)):
+                x = act(lin_lora(i, x))
+            return lin_lora(len(layers), x)
+        return forward, [p for ab in factors for p in ab]
+    raise ValueError(adapter)
+
+
+def bare_finetune_epoch(forward, params, x, y, batch: int, lr: float, weight_decay: float) -> float:
+    """One epoch of a plain loop over in-memory rows: randperm, index, forward, Gaussian NLL,
+    AdamW step on the trainable parameters; seconds."""
+    import torch
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    L = y.shape[1]
+    t0 = time.perf_counter()
+    perm = torch.randperm(x.shape[0])
+    for s in range(0, x.shape[0], batch):
+        idx = perm[s:s + batch]
+        o = forward(x[idx])
+        mean, logvar = o[:, :L], o[:, L:]
+        loss = 0.5 * (logvar + (y[idx] - mean) ** 2 * torch.exp(-logvar)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - t0
+
+
+def finetune_speed(base: Path, target: Path, tmp: Path, hidden: list[int], threads: int, epochs: int,
+                   reps: int) -> dict[str, object]:
+    """Per adapter: stx finetune runs (``epochs`` epochs each) alternating with as many bare
+    epochs, ``reps`` times; the best epoch of each is kept."""
+    import torch
+
+    from stxcli.model import make_adapter
+    from stxcli.store import FeatureStore
+    from stxcli.train import TrainOptions, finetune
+
+    with FeatureStore.open(target) as st:
+        xall = torch.from_numpy(st.read(0, st.n)["features"])
+        dim = st.dim
+    out: dict[str, object] = {}
+    for name in ADAPTERS:
+        hp = make_adapter(name, None).training_defaults()
+        stx_train, stx_epoch, bare, wall = [], [], [], []
+        n_train = trainable = None
+        for k in range(reps):
+            opts = TrainOptions(epochs=epochs, patience=epochs + 1, threads=threads, seed=k)
+            t0 = time.perf_counter()
+            s = finetune(base, target, tmp / f"ft-{name}", adapter=name, opts=opts)
+            wall.append(time.perf_counter() - t0)
+            man = json.loads((tmp / f"ft-{name}" / "manifest.json").read_text())
+            hist = man["training"]["runs"][name]["history"]
+            stx_train += [h["train_s"] for h in hist]
+            stx_epoch += [h["epoch_s"] for h in hist]
+            n_train, trainable = man["training"]["n_train"], s["trainable_params"]
+            x = xall[:n_train]
+            y = torch.randn(n_train, 3)
+            fwd, params = bare_finetune_net(name, dim, hidden, 3, seed=k)
+            n_bare = sum(p.numel() for p in params)
+            if n_bare != trainable:
+                raise RuntimeError(f"{name}: bare loop trains {n_bare} parameters, stx {trainable}")
+            bare += [bare_finetune_epoch(fwd, params, x, y, hp["batch_size"], hp["lr"], hp["weight_decay"])
+                     for _ in range(epochs)]
+        t_train, t_epoch, t_bare = min(stx_train), min(stx_epoch), min(bare)
+        out[name] = {
+            "n_train": n_train, "trainable_params": trainable, "batch_size": hp["batch_size"],
+            "stx_train_spectra_per_s": round(n_train / t_train, 1),
+            "stx_epoch_spectra_per_s": round(n_train / t_epoch, 1),
+            "bare_spectra_per_s": round(n_train / t_bare, 1),
+            "ratio_stx_epoch_over_bare": round(t_epoch / t_bare, 3),
+            "ratio_stx_train_over_bare": round(t_train / t_bare, 3),
+            "target_max_ratio": 1.25,
+            "stx_command_s": round(min(wall), 2),
+        }
+    return out
+
+
+def e2e_predict(tmp: Path, n_files: int, rows: int, hidden: list[int], threads: int, reps: int) -> dict[str, object]:
+    """``stx predict MODEL FILES`` (read + raw featurization + model + catalog) against specutils'
+    read of the same files alone, alternating, best of ``reps``."""
+    import os
+
+    from bench_featurize import make_coadd, read_specutils
+
+    from stxcli.predict import run_predict
+
+    model = raw_model(tmp / "raw", hidden=tuple(hidden), threads=threads)
+    base = make_coadd(tmp / "e2e-base.fits", rows, id_offset=3)
+    files = []
+    for i in range(n_files):
+        p = tmp / f"e2e-{i}.fits"
+        os.link(base, p)
+        files.append(p)
+    n = n_files * rows
+    t_stx = t_spec = math.inf
+    load = loadavg()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        p = run_predict(model, [str(f) for f in files], tmp / "e2e.fits", threads=threads)
+        t_stx = min(t_stx, time.perf_counter() - t0)
+        if p["n_spectra"] != n:
+            raise RuntimeError(f"stx predict: {p['n_spectra']} predictions, expected {n}")
+        t0 = time.perf_counter()
+        got = sum(read_specutils(f) for f in files)
+        t_spec = min(t_spec, time.perf_counter() - t0)
+        if got != n:
+            raise RuntimeError(f"specutils read {got} spectra, expected {n}")
+    for f in [base, *files]:
+        f.unlink()
+    return {
+        "n_spectra": n, "n_files": n_files, "rows_per_file": rows,
+        "stx_predict_s": round(t_stx, 3), "specutils_read_s": round(t_spec, 3),
+        "stx_spectra_per_s": round(n / t_stx, 1), "specutils_read_spectra_per_s": round(n / t_spec, 1),
+        "ratio_stx_over_specutils_read": round(t_stx / t_spec, 3), "target_max_ratio": 1.0,
+        "load_before": load, "load_after": loadavg(),
+        "note": "stx predict from the coadd files (featurized on the fly) against specutils' "
+                "SpectrumList.read of the same files alone, alternating, best of each kept",
+    }
+
+
 def stx_vs_bare_epochs(store: Path, hidden: list[int], threads: int, reps: int) -> tuple[float, float, float]:
     """Best epoch time of stx's loop (:func:`stxcli.train.fit_gradient`: cached store rows,
     masked NLL, clipping, validation pass, early-stopping bookkeeping) and of a bare loop on the
@@ -146,9 +323,14 @@ def main() -> None:
     ap.add_argument("--hidden", default="512,256")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3, help="alternating repetitions timed (best kept)")
+    ap.add_argument("--n-finetune", type=int, default=None, help="target stars (default 5000; quick 2000)")
+    ap.add_argument("--ft-epochs", type=int, default=3, help="epochs per timed stx finetune run")
+    ap.add_argument("--e2e", default=None, help="FILESxROWS of the end-to-end predict (default 4x1000; quick 2x500)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     n = args.n or (20000 if args.quick else 100000)
+    n_ft = args.n_finetune or (2000 if args.quick else 5000)
+    e2e_files, e2e_rows = (int(v) for v in (args.e2e or ("2x500" if args.quick else "4x1000")).split("x"))
     hidden = [int(h) for h in args.hidden.split(",")]
 
     import torch
@@ -185,6 +367,13 @@ def main() -> None:
         t_pred = min(t_pred, time.perf_counter() - t0)
         t_bare_inf = min(t_bare_inf, bare_inference(xall, hidden, 3, 4096))
     del xall
+
+    # -- fine-tune epochs (residual, lora, full) vs a bare loop of the same trainable parameters
+    target = tmp / "target.h5"
+    make_store(target, n_ft, args.dim, seed=1)
+    ft = finetune_speed(tmp / "model", target, tmp, hidden, args.threads, args.ft_epochs, args.epochs)
+    # -- predict end to end from DESI coadd files vs specutils' read of the same files
+    e2e = e2e_predict(tmp, e2e_files, e2e_rows, hidden, args.threads, args.epochs)
     result = {
         "n": n, "dim": args.dim, "hidden": hidden, "threads": args.threads, "n_train": n_train,
         "store_write_s": round(t_store, 2),
@@ -204,6 +393,15 @@ def main() -> None:
             "note": "stx predict (reads, domain scores, errors, flags, FITS) and bare inference on "
                     "in-memory tensors run alternately, best of each kept",
         },
+        "finetune": {
+            "n_target": n_ft, "epochs_per_run": args.ft_epochs, **ft,
+            "note": "spectra/s per epoch = training rows / best epoch time; stx_train: the training "
+                    "pass alone, stx_epoch: with the validation pass and bookkeeping; stx runs and bare "
+                    "epochs alternate; stx_command_s: a whole stx finetune (loading the base, zero-shot "
+                    "validation, domain statistics, saving) of epochs_per_run epochs",
+        },
+        "predict_files": e2e,
+        "load_at_end": loadavg(),
     }
     write("models", result)
     import shutil
