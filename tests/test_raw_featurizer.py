@@ -584,3 +584,194 @@ def test_real_desi_with_resolution_matrix():
     # the per-fibre LSF differs from the file median only a little: a few per cent of the noise
     d = np.abs(fb.features[both] - ref.features[both]) * np.sqrt(ref.ivar[both])
     assert np.median(d) < 0.05
+
+
+# ------------------------------------------------------- fast paths equal their dense references
+
+
+def _dense_degrade(deg, flux, good, var):
+    """The reference normalised convolution: three dense products, every pixel re-normalised."""
+    g = good.astype(np.float32)
+    return L._normalised(deg.k @ (flux * g), deg.k @ g, deg.k2 @ (var * g), good)
+
+
+def _desi_like_degrader():
+    wave, _ = linear_grid(5000, 5400, 0.8)
+    grid = L.describe_grid(wave)
+    return grid, L.build_degrader(grid, L.kernel_sigma(wave, np.full(wave.size, 4000.0), 1800.0))
+
+
+def test_degrader_near_masked_pixels_equals_the_dense_normalisation():
+    grid, deg = _desi_like_degrader()
+    npix = grid.npix
+    rng = np.random.default_rng(3)
+    flux = rng.uniform(0.5, 1.5, (npix, 4)).astype(np.float32)
+    var = rng.uniform(0.01, 0.02, (npix, 4)).astype(np.float32)
+    good = np.ones((npix, 4), bool)
+    good[200, 0] = False  # one pixel
+    good[300:340, 1] = False  # a run
+    good[:5, 2] = False  # at the arm's edge
+    # column 3: all good
+    fz, vz = np.where(good, flux, 0), np.where(good, var, 0)
+    f, ok, v = L.apply_degrader(deg, fz, good, vz, zeroed=True)
+    rf, rok, rv = _dense_degrade(deg, flux, good, var)
+    np.testing.assert_array_equal(ok, rok)
+    np.testing.assert_allclose(f, rf, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(v, rv, rtol=2e-6, atol=1e-10)
+    assert (f[~ok] == 0).all() and (v[~ok] == 0).all()
+    # by hand: a constant stays constant next to a masked pixel; the pixel itself is dropped;
+    # its neighbour's variance is the kernel-weighted sum over the good pixels / their weight^2
+    c, cg = np.full((npix, 1), 2.0, np.float32), np.ones((npix, 1), bool)
+    cg[200] = False
+    cf, cok, cv = L.apply_degrader(deg, np.where(cg, c, 0), cg, np.where(cg, 1.0, 0).astype(np.float32), zeroed=True)
+    assert not cok[200, 0] and cok[199, 0] and cok[201, 0]
+    np.testing.assert_allclose(cf[cok], 2.0, rtol=1e-6)
+    row = deg.k[201].toarray()[0].astype(np.float64)
+    w_good = row.sum() - row[200]
+    assert cv[201, 0] == pytest.approx(((row**2).sum() - row[200] ** 2) / w_good**2, rel=1e-5)
+
+
+def test_degrader_with_many_bad_pixels_takes_the_dense_path_and_agrees():
+    grid, deg = _desi_like_degrader()
+    rng = np.random.default_rng(4)
+    flux = rng.uniform(0.5, 1.5, (grid.npix, 3)).astype(np.float32)
+    good = rng.random(flux.shape) > 0.2  # 20 % bad: above the sparse threshold
+    f, ok, v = L.apply_degrader(deg, flux, good, flux.copy())
+    rf, rok, rv = _dense_degrade(deg, flux, good, flux)
+    np.testing.assert_array_equal(ok, rok)
+    np.testing.assert_allclose(f, rf, rtol=1e-6)
+    np.testing.assert_allclose(v, rv, rtol=1e-6)
+
+
+def test_delta_line_through_the_degrader_is_the_kernel_column():
+    grid, deg = _desi_like_degrader()
+    delta = np.zeros((grid.npix, 1), np.float32)
+    delta[250] = 1.0
+    f, ok, _ = L.apply_degrader(deg, delta, np.ones_like(delta, bool), np.ones_like(delta))
+    np.testing.assert_allclose(f[:, 0], deg.k[:, 250].toarray()[:, 0], rtol=1e-6, atol=1e-9)
+    assert f.sum() == pytest.approx(1.0, rel=1e-4)  # rows sum to 1 and the kernel is symmetric
+
+
+@pytest.mark.parametrize("kind", ["linear", "log", "general"])
+def test_rebinning_of_an_all_good_piece_needs_no_gathered_width(kind):
+    rng = np.random.default_rng(9)
+    if kind == "linear":
+        wave = 5000.0 + 0.8 * np.arange(600)
+    elif kind == "log":
+        wave = 10 ** (3.7 + 6e-5 * np.arange(600))
+    else:
+        wave = 5000.0 + np.cumsum(rng.uniform(0.5, 1.2, 600))
+    grid = L.describe_grid(wave)
+    assert grid.kind == kind
+    n = 5
+    flux = rng.uniform(0.5, 2.0, (grid.npix, n)).astype(np.float32)
+    w = grid.width.astype(np.float32)[:, None]
+    a, b, v = flux * w, np.ones_like(flux) * w, flux * w * w
+    out_edges = 10 ** (math.log10(wave[0]) - 0.001 + 1e-4 * np.arange(int((math.log10(wave[-1]) + 0.002
+                                                                          - math.log10(wave[0])) / 1e-4)))
+    zf = 1 + rng.uniform(-300, 300, n) / C_KMS
+    p = L.edge_positions(grid, out_edges, zf)
+    ref = L.resample_sums(a, b, v, p, grid.npix)
+    got = L.resample_sums(a, None, v, p, grid.npix, grid)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=2e-5)  # bins past the arm: 0 both
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-6, atol=1e-7)
+    assert (got[1][:5] == 0).all() and got[1].max() > 0
+
+
+def _dense_continuum(model, flux, good, n_iter, clip_lo, clip_hi):
+    """The reference fit: n dense (nb x nb) normal-equation solves per iteration (the old code)."""
+    g = good.astype(np.float32)
+    gb = np.add.reduceat(g, model.starts, axis=0)
+    fsum = np.add.reduceat(flux * g, model.starts, axis=0)
+    fb = np.zeros_like(fsum)
+    np.divide(fsum, gb, out=fb, where=gb > 0)
+    w, n = gb, flux.shape[1]
+    off = model.pairs_k != model.pairs_l
+    for it in range(n_iter):
+        gram = (model.prod_t @ w).T
+        rhs = (model.basis_bin_t @ (w * fb)).T
+        a = np.broadcast_to(model.penalty, (n, model.nb, model.nb)).copy()
+        a[:, model.pairs_k, model.pairs_l] += gram
+        a[:, model.pairs_l[off], model.pairs_k[off]] += gram[:, off]
+        coef = np.linalg.solve(a, rhs.astype(np.float64)[:, :, None])[:, :, 0]
+        if it == n_iter - 1:
+            break
+        cb = model.basis_bin_t.T @ np.ascontiguousarray(coef.T, dtype=np.float32)
+        inv = np.zeros_like(cb)
+        np.divide(np.float32(1.0), cb, out=inv, where=cb > 0)
+        r = fb * inv - 1
+        rms = np.sqrt(np.einsum("ij,ij->j", r * w, r) / np.maximum(w.sum(axis=0), 1.0))
+        w = gb * ((r > -clip_lo * rms) & (r < clip_hi * rms) & (gb > 0) & (inv > 0))
+    return model.basis @ np.ascontiguousarray(coef.T, dtype=np.float32)
+
+
+def test_banded_continuum_solve_equals_the_dense_normal_equations():
+    f = RawFeaturizer()
+    model = L.build_continuum_model(np.log10(f.axis()), 0.02, 4)
+    ax = f.axis()
+    rng = np.random.default_rng(6)
+    cont = (ax / 5000.0)[:, None] ** rng.uniform(-3, 1, 6)[None, :]
+    lines = 1 - 0.5 * (rng.random((ax.size, 6)) < 0.03)
+    flux = (cont * lines * (1 + 0.01 * rng.standard_normal((ax.size, 6)))).astype(np.float32)
+    good = np.ones(flux.shape, bool)
+    good[1000:1400, 2] = False  # a gap bridged by the penalty
+    good[:, 5] = False  # nothing at all: the penalty alone, a zero continuum
+    flux[~good] = 0
+    got = L.fit_continuum(model, flux, good, 5, 2.0, 3.0, zeroed=True)
+    ref = _dense_continuum(model, flux, good, 5, 2.0, 3.0)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
+    assert np.abs(got[:, 5]).max() < 1e-6
+
+
+@pytest.mark.parametrize("frac", [0.01, 0.5])  # below / above the sparse-norm threshold
+def test_ccf_template_norms_sparse_and_dense_agree(frac):
+    rng = np.random.default_rng(8)
+    m, nt, n = 600, 3, 4
+    tmpl = np.clip(rng.normal(0.0, 0.2, (nt, m)), 0, None).astype(np.float32)
+    off = np.zeros(m, bool)
+    off[100:130] = True  # a telluric band
+    bank = L.ccf_bank(tmpl, 6, off=off)
+    shift = np.array([2, -3, 0, 5])
+    x = np.stack([np.roll(tmpl[i % nt], s) for i, s in enumerate(shift)], axis=1).astype(np.float32)
+    gx = (rng.random((m, n)) > frac) & ~off[:, None]
+    x = x * gx
+    v, peak, edge = L.ccf_velocity(x, gx, bank, 1e-4)
+    # the reference: every norm from one dense product over the valid pixels
+    sl = slice(bank.j0, bank.j1)
+    sh = bank.sh_t.T
+    num = x[sl].T @ sh
+    tn = gx[sl].T.astype(np.float32) @ (sh * sh)
+    cc = num / np.sqrt(tn * np.einsum("ij,ij->j", x[sl], x[sl])[:, None])
+    best = cc.argmax(axis=1)
+    assert np.allclose(peak, cc[np.arange(n), best], rtol=1e-5)
+    lag = bank.lags[best % bank.lags.size]
+    np.testing.assert_array_equal(lag, shift)
+    assert (np.abs(v - C_KMS * (10 ** (shift * 1e-4) - 1)) < 0.5 * C_KMS * 1e-4 * math.log(10)).all()
+
+
+def test_spectra_without_data_skip_the_work_and_match_a_live_only_batch():
+    wave, _ = linear_grid(3700, 9200, 1.0)
+    rng = np.random.default_rng(10)
+    flux = (1 + 0.02 * rng.standard_normal((5, wave.size))).astype(np.float32)
+    ivar = np.full(flux.shape, 2500.0, np.float32)
+    ivar[[1, 3]] = 0.0  # dead fibres
+    flux[3] = np.nan  # and one of them with NaN flux
+    mixed = RawFeaturizer().transform(make_batch(wave, flux, ivar, rv=[10.0, np.nan, -20.0, np.nan, np.nan], r=1800.0))
+    live = RawFeaturizer().transform(make_batch(wave, flux[[0, 2, 4]], ivar[[0, 2, 4]], rv=[10.0, -20.0, np.nan], r=1800.0))
+    np.testing.assert_array_equal(mixed.features[[0, 2, 4]], live.features)
+    np.testing.assert_array_equal(mixed.ivar[[0, 2, 4]], live.ivar)
+    for k in ("snr", "masked_frac", "rv_kms", "rv_ccf", "flags"):
+        np.testing.assert_array_equal(mixed.quality[k][[0, 2, 4]], live.quality[k])
+    q = mixed.quality
+    assert (mixed.features[[1, 3]] == 1.0).all() and (mixed.ivar[[1, 3]] == 0).all()
+    assert (q["masked_frac"][[1, 3]] == 1.0).all() and (q["snr"][[1, 3]] == 0).all()
+    assert (q["rv_kms"][[1, 3]] == 0).all() and (q["rv_ccf"][[1, 3]] == 0).all()
+    for i in (1, 3):
+        assert q["flags"][i] & F.NO_OVERLAP and q["flags"][i] & F.HEAVY_MASK and q["flags"][i] & F.LOW_SNR
+        assert not q["flags"][i] & F.RV_ESTIMATED
+    assert q["flags"][3] & F.BAD_INPUT and not q["flags"][1] & F.BAD_INPUT
+    assert "2 spectra without data: no RV estimated (0 used)" in mixed.notes
+    # a batch of dead spectra only
+    dead = RawFeaturizer().transform(make_batch(wave, flux[[1, 3]], ivar[[1, 3]], r=1800.0))
+    assert (dead.features == 1.0).all() and (dead.quality["flags"] & F.NO_OVERLAP).all()

@@ -92,62 +92,89 @@ def edge_positions(grid: InputGrid, out_edges: np.ndarray, zfac: np.ndarray) -> 
 # ------------------------------------------------------------------------------- resampling
 
 
-#: Zero rows below each arm's arrays, so the rebinning gathers need no bounds checks or copies.
-PAD_ROWS = 8
-
-
-def padded(npix: int, n: int) -> np.ndarray:
-    """A zeroed ``(npix + PAD_ROWS, n)`` float32 array; fill its first ``npix`` rows."""
-    return np.zeros((npix + PAD_ROWS, n), dtype=np.float32)
-
-
-def resample_sums(a: np.ndarray, b: np.ndarray, v: np.ndarray, p: np.ndarray, npix: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def resample_sums(a: np.ndarray, b: np.ndarray | None, v: np.ndarray, p: np.ndarray, npix: int,
+                  grid: InputGrid | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact overlap sums of a flux-conserving rebinning (pixel-major arrays).
 
-    ``a = flux*good*width``, ``b = good*width`` and ``v = var*good*width**2`` hold ``npix`` pixel
-    rows followed by zero rows (see :func:`padded`), ``n`` columns; ``p`` ``(m+1, n)`` holds the
-    output bin edges in input pixel coordinates (see :func:`edge_positions`). With ``o_ij`` the
-    fraction of input pixel i inside output bin j, returns ``(m, n)`` arrays
-    ``num_j = sum_i o_ij a_i``, ``den_j = sum_i o_ij b_i`` and ``vnum_j = sum_i o_ij^2 v_i``: the
-    mean flux density is ``num/den`` with variance ``vnum/den**2``, the exact propagation of
-    independent pixel variances through the rebinning weights (bad pixels drop out and the good
-    ones are re-weighted).
+    ``a = flux*good*width``, ``b = good*width`` and ``v = var*good*width**2`` are C-contiguous
+    ``(npix, n)`` arrays (finite everywhere); ``p`` ``(m+1, n)`` holds the output bin edges in
+    input pixel coordinates (see :func:`edge_positions`). With ``o_ij`` the fraction of input
+    pixel i inside output bin j, returns ``(m, n)`` arrays ``num_j = sum_i o_ij a_i``,
+    ``den_j = sum_i o_ij b_i`` and ``vnum_j = sum_i o_ij^2 v_i``: the mean flux density is
+    ``num/den`` with variance ``vnum/den**2``, the exact propagation of independent pixel variances
+    through the rebinning weights (bad pixels drop out and the good ones are re-weighted).
+    ``b=None`` means every pixel is good (``b`` = the pixel widths): ``den`` is then the width the
+    bin covers, computed from ``p`` and ``grid`` without a gather.
 
     Each output bin starts in pixel ``ka = floor(p_j)`` and spans at most ``nslot`` pixels; slot s
     (pixel ``ka + s``) overlaps it by ``min(d, 1) - u`` for s = 0 and ``clip(d - s, 0, 1)`` after,
-    with ``u = p_j - ka`` and ``d = p_{j+1} - ka``: a handful of gathers over the whole batch.
+    with ``u = p_j - ka`` and ``d = p_{j+1} - ka``: a handful of gathers over the whole batch. A slot
+    past the last pixel has weight 0 (``p`` is clipped to [0, npix]), so its gather index is
+    simply clipped.
     """
     n = a.shape[1]
+    if b is None and grid is None:
+        raise ValueError("resample_sums: b=None needs the grid")
     pa, pb = p[:-1], p[1:]
     ka = np.floor(pa)
     u = (pa - ka).astype(np.float32)
     d = (pb - ka).astype(np.float32)  # >= u; the bin ends d pixels after pixel ka's start
     nslot = max(1, int(math.ceil(float(d.max()))) if d.size else 1)
-    if a.shape[0] < npix + nslot:  # bins wider than the padding: pad a copy
-        extra = np.zeros((npix + nslot - a.shape[0], n), np.float32)
-        a, b, v = (np.concatenate([q, extra]) for q in (a, b, v))
     ka = ka.astype(np.int64)
     if ka.shape[1] != n:  # shared positions (m+1, 1) broadcast over the batch
         shape = (ka.shape[0], n)
-        ka, u, d = (np.broadcast_to(q, shape) for q in (ka, u, d))
-    fa, fb, fv = np.ravel(a), np.ravel(b), np.ravel(v)  # views: the arrays are C-contiguous
-    base = ka * n + np.arange(n, dtype=np.int64)[None, :]  # flat index = pixel*n + column
+        ka, u, d = (np.ascontiguousarray(np.broadcast_to(q, shape)) for q in (ka, u, d))
+    fa, fv = np.ravel(a), np.ravel(v)  # views: the arrays are C-contiguous
+    fb = None if b is None else np.ravel(b)
+    base = ka
+    base *= n
+    base += np.arange(n, dtype=np.int64)[None, :]  # flat index = pixel*n + column
+    tmp = np.empty(base.shape, np.float32)
     o = np.minimum(d, np.float32(1.0))
     o -= u
-    num = o * np.take(fa, base)
-    den = o * np.take(fb, base)
+    num = np.take(fa, base, mode="clip")
+    num *= o
+    den = None
+    if fb is not None:
+        den = np.take(fb, base, mode="clip")
+        den *= o
     o *= o
-    vnum = o * np.take(fv, base)
+    vnum = np.take(fv, base, mode="clip")
+    vnum *= o
     for s in range(1, nslot):
-        o = d - np.float32(s)
+        np.subtract(d, np.float32(s), out=o)
         np.clip(o, np.float32(0.0), np.float32(1.0), out=o)
         base += n
-        num += o * np.take(fa, base)
-        den += o * np.take(fb, base)
+        np.take(fa, base, mode="clip", out=tmp)
+        tmp *= o
+        num += tmp
+        if fb is not None:
+            np.take(fb, base, mode="clip", out=tmp)
+            tmp *= o
+            den += tmp
         o *= o
-        vnum += o * np.take(fv, base)
+        np.take(fv, base, mode="clip", out=tmp)
+        tmp *= o
+        vnum += tmp
+    if den is None:
+        assert grid is not None
+        den = covered_width(grid, p)
+        if den.shape[1] != n:
+            den = np.ascontiguousarray(np.broadcast_to(den, num.shape))
     return num, den, vnum
+
+
+def covered_width(grid: InputGrid, p: np.ndarray) -> np.ndarray:
+    """Width (A) of the input grid inside each output bin, ``(m, n)`` float32, from the bin edges'
+    pixel positions ``p`` (m+1, n) clipped to [0, npix]: the rebinning denominator of a spectrum
+    whose pixels are all good."""
+    if grid.kind == "linear":
+        return (np.diff(p, axis=0) * grid.step).astype(np.float32)
+    k = np.minimum(p.astype(np.int64), grid.npix - 1)
+    cw = grid.edges - grid.edges[0]
+    w = cw[k]
+    w += (p - k) * grid.width[k]
+    return np.diff(w, axis=0).astype(np.float32)
 
 
 def resample_matrix(grid: InputGrid, out_edges: np.ndarray) -> Any:
@@ -238,19 +265,48 @@ def _normalised(num: np.ndarray, den: np.ndarray, vnum: np.ndarray, good: np.nda
     return f_out, ok, v_out
 
 
-def apply_degrader(deg: Degrader, flux: np.ndarray, good: np.ndarray, var: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+#: Above this fraction of bad pixels the normalisation of :func:`apply_degrader` is dense.
+_SPARSE_BAD_FRAC = 0.05
+
+
+def apply_degrader(deg: Degrader, flux: np.ndarray, good: np.ndarray, var: np.ndarray, *,
+                   zeroed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised convolution of pixel-major ``(npix, n)`` arrays: ``flux' = K(f g) / K(g)``,
     ``var' = K^2(var g) / K(g)^2``.
 
     Masked pixels drop out of their neighbours' sums, which are re-weighted by the kernel weight
     of the good pixels; a pixel stays good when it was good and at least half of its kernel weight
-    sits on good pixels."""
-    g = good.astype(np.float32)
-    num = deg.k @ (flux * g)
-    den = np.ones_like(flux) if good.all() else deg.k @ g
-    vnum = deg.k2 @ (var * g)
-    return _normalised(num, den, vnum, good)
+    sits on good pixels. ``zeroed=True`` says ``flux`` and ``var`` are already 0 where not good.
+
+    The rows of K sum to 1, so ``K(g) = 1 - K(1 - g)`` differs from 1 only near bad pixels: with
+    few of them, ``K(1 - g)`` is a sparse product and only the entries it touches are
+    re-normalised (and zeroed where not good), instead of a third dense product and four dense
+    passes."""
+    import scipy.sparse as sp
+
+    allgood = bool(good.all())
+    if not allgood and not zeroed:
+        flux = np.where(good, flux, np.float32(0.0))
+        var = np.where(good, var, np.float32(0.0))
+    num = deg.k @ flux
+    vnum = deg.k2 @ var
+    if allgood:
+        return num, good.copy(), vnum
+    nbad = good.size - int(np.count_nonzero(good))
+    if nbad > _SPARSE_BAD_FRAC * good.size:
+        return _normalised(num, deg.k @ good.astype(np.float32), vnum, good)
+    r, c = np.divmod(np.flatnonzero(~good), good.shape[1])  # (np.nonzero is ~10x slower on 2-D)
+    bad = sp.csr_matrix((np.ones(r.size, np.float32), (r, c)), shape=good.shape)
+    kb = (deg.k @ bad).tocoo()
+    rr, cc = kb.row, kb.col
+    den = np.float32(1.0) - kb.data.astype(np.float32)
+    okk = good[rr, cc] & (den >= 0.5)
+    safe = np.where(okk, den, np.float32(1.0))
+    num[rr, cc] = np.where(okk, num[rr, cc] / safe, np.float32(0.0))
+    vnum[rr, cc] = np.where(okk, vnum[rr, cc] / (safe * safe), np.float32(0.0))
+    ok = good.copy()
+    ok[rr, cc] = okk
+    return num, ok, vnum
 
 
 def sigma_from_resolution(res: np.ndarray) -> np.ndarray:
@@ -342,9 +398,10 @@ class ContinuumModel:
     their number): the continuum varies on the knot scale, hundreds of pixels, so binning changes
     it negligibly and makes the clipping iterations ``nbin`` times cheaper. The normal equations of
     every spectrum come from one matrix product: with bin weights ``W`` (mb, n) and the products of
-    overlapping basis functions ``P`` (mb, npairs), ``B^T diag(w) B`` is ``P^T @ W`` scattered into
-    (n, nb, nb). A second-difference penalty (a P-spline) bridges gaps linearly, so masked stretches
-    never make the system singular.
+    overlapping basis functions ``P`` (mb, npairs), ``B^T diag(w) B`` is ``P^T @ W``. The systems
+    are banded (cubic B-splines overlap their 3 neighbours), so all n of them are solved at once as
+    one block-diagonal banded system by a single LAPACK banded Cholesky call. A second-difference
+    penalty (a P-spline) bridges gaps linearly, so masked stretches never make the system singular.
     """
 
     basis: np.ndarray  # (m, nb) float32, at the pixels
@@ -356,9 +413,14 @@ class ContinuumModel:
     prod_t: np.ndarray  # (npairs, mb) float32
     penalty: np.ndarray  # (nb, nb) float64
     nb: int = field(init=False)
+    pen_band: np.ndarray = field(init=False)  # (4, nb): penalty[j + d, j] (lower band storage)
 
     def __post_init__(self) -> None:
         self.nb = int(self.basis.shape[1])
+        band = np.zeros((4, self.nb))
+        for d in range(4):
+            band[d, : self.nb - d] = np.diagonal(self.penalty, -d)
+        self.pen_band = band
 
 
 def build_continuum_model(log_wave: np.ndarray, knot_dlog: float, nbin: int = 1,
@@ -391,19 +453,22 @@ def build_continuum_model(log_wave: np.ndarray, knot_dlog: float, nbin: int = 1,
 
 
 def fit_continuum(model: ContinuumModel, flux: np.ndarray, good: np.ndarray, n_iter: int,
-                  clip_lo: float, clip_hi: float) -> np.ndarray:
+                  clip_lo: float, clip_hi: float, *, zeroed: bool = False) -> np.ndarray:
     """Iteratively sigma-clipped spline continuum of each column of ``flux`` (m, n).
 
     Start from all good pixels (bins weighted by their number of good pixels); after each fit drop
     bins whose relative residual ``flux/cont - 1`` is below ``-clip_lo`` or above ``+clip_hi``
     times the spectrum's rms relative residual over the bins kept (absorption lines go first: the
     fit climbs to the upper envelope). Returns the continuum at every pixel, (m, n) float32 (may be
-    <= 0 where the data are; the caller floors it).
+    <= 0 where the data are; the caller floors it). ``zeroed=True`` says ``flux`` is already 0 where
+    ``good`` is False.
     """
+    from scipy.linalg import solveh_banded
+
     g = good.astype(np.float32)
     if model.nbin > 1:
-        gb = np.add.reduceat(g, model.starts, axis=0)
-        fsum = np.add.reduceat(flux * g, model.starts, axis=0)
+        gb = bin_sums(g, model.nbin)
+        fsum = bin_sums(flux if zeroed else np.where(good, flux, np.float32(0.0)), model.nbin)
         fb = np.zeros_like(fsum)
         np.divide(fsum, gb, out=fb, where=gb > 0)
     else:
@@ -411,20 +476,24 @@ def fit_continuum(model: ContinuumModel, flux: np.ndarray, good: np.ndarray, n_i
     has = gb > 0
     w = gb
     n = flux.shape[1]
-    off = model.pairs_k != model.pairs_l
-    coef = np.zeros((n, model.nb))
+    nb = model.nb
+    d_of_pair = model.pairs_l - model.pairs_k
+    ab = np.empty((4, n, nb))
+    coef_t = np.zeros((nb, n))
     for it in range(max(1, n_iter)):
-        gram = (model.prod_t @ w).T  # (n, npairs)
-        rhs = (model.basis_bin_t @ (w * fb)).T  # (n, nb)
-        a = np.broadcast_to(model.penalty, (n, model.nb, model.nb)).copy()
-        a[:, model.pairs_k, model.pairs_l] += gram
-        a[:, model.pairs_l[off], model.pairs_k[off]] += gram[:, off]
-        coef = np.linalg.solve(a, rhs.astype(np.float64)[:, :, None])[:, :, 0]
+        gram_t = model.prod_t @ w  # (npairs, n): the band of B^T diag(w) B
+        rhs_t = model.basis_bin_t @ (w * fb)  # (nb, n)
+        ab[:] = model.pen_band[:, None, :]
+        ab[d_of_pair, :, model.pairs_k] += gram_t  # each (d, k) once
+        x = solveh_banded(ab.reshape(4, n * nb), np.ascontiguousarray(rhs_t.T, dtype=np.float64).ravel(),
+                          lower=True, overwrite_ab=True, overwrite_b=True)
+        coef_t = np.ascontiguousarray(x.reshape(n, nb).T, dtype=np.float32)
         if it == n_iter - 1:
             break
-        cb = model.basis_bin_t.T @ np.ascontiguousarray(coef.T, dtype=np.float32)
+        cb = model.basis_bin_t.T @ coef_t
+        pos = cb > 0
         inv = np.zeros_like(cb)
-        np.divide(np.float32(1.0), cb, out=inv, where=cb > 0)
+        np.divide(np.float32(1.0), cb, out=inv, where=pos)
         r = fb * inv
         r -= np.float32(1.0)
         rw = r * w
@@ -432,9 +501,22 @@ def fit_continuum(model: ContinuumModel, flux: np.ndarray, good: np.ndarray, n_i
         keep = r > -clip_lo * rms
         keep &= r < clip_hi * rms
         keep &= has
-        keep &= inv > 0
+        keep &= pos
         w = gb * keep
-    return model.basis @ np.ascontiguousarray(coef.T, dtype=np.float32)
+    return model.basis @ coef_t
+
+
+def bin_sums(x: np.ndarray, nbin: int) -> np.ndarray:
+    """Sums of consecutive blocks of ``nbin`` rows of ``x`` (m, n) (the last block may be shorter):
+    ``np.add.reduceat`` over rows, by reshaping (several times faster on wide arrays)."""
+    m = x.shape[0]
+    full = m // nbin
+    out = np.empty((-(-m // nbin),) + x.shape[1:], dtype=x.dtype)
+    if full:
+        np.sum(x[: full * nbin].reshape((full, nbin) + x.shape[1:]), axis=1, out=out[:full])
+    if full * nbin < m:
+        np.sum(x[full * nbin:], axis=0, out=out[full])
+    return out
 
 
 def shift_columns(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -467,19 +549,28 @@ TELLURIC_BANDS = ((6865.0, 6935.0), (7165.0, 7345.0), (7590.0, 7710.0), (8120.0,
 
 @dataclass
 class CcfBank:
-    """Templates shifted by every lag, as matrices ready for one product each: columns
-    ``(template, lag)``, rows the grid pixels ``j0..j1`` where any shifted template is non-zero."""
+    """Templates shifted by every lag, as matrices ready for one product each: rows ``(template,
+    lag)`` of ``sh_t``, columns the grid pixels ``j0..j1`` where any shifted template is non-zero.
+    Pixels in ``off`` (the telluric bands: never correlated) are zero in ``sh2``, whose column sums
+    over the other pixels are ``sh2_total``."""
 
-    sh: np.ndarray  # (j1 - j0, T * nlag) float32
-    sh2: np.ndarray  # sh ** 2
+    sh_t: np.ndarray  # (T * nlag, j1 - j0) float32
+    sh2: np.ndarray  # (j1 - j0, T * nlag) float32: sh ** 2, 0 on the ``off`` pixels
+    sh2_total: np.ndarray  # (T * nlag,) float32
+    on: np.ndarray  # (j1 - j0,) bool: not ``off``
     lags: np.ndarray
     ntemplates: int
     j0: int
     j1: int
 
 
-def ccf_bank(tmpl: np.ndarray, max_lag: int) -> CcfBank:
-    """Shift the template line depths ``tmpl`` (T, m) by lags -max_lag..max_lag."""
+#: Above this fraction of invalid pixels the CCF template norms are one dense product.
+_SPARSE_INVALID_FRAC = 0.1
+
+
+def ccf_bank(tmpl: np.ndarray, max_lag: int, off: np.ndarray | None = None) -> CcfBank:
+    """Shift the template line depths ``tmpl`` (T, m) by lags -max_lag..max_lag; ``off`` (m,) marks
+    pixels the spectra never use (see :class:`CcfBank`)."""
     nt, m = tmpl.shape
     lags = np.arange(-max_lag, max_lag + 1)
     nl = lags.size
@@ -492,32 +583,53 @@ def ccf_bank(tmpl: np.ndarray, max_lag: int) -> CcfBank:
     sh = sh.reshape(m, nt * nl)
     used = np.flatnonzero(np.any(sh != 0, axis=1))
     j0, j1 = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
-    sh = np.ascontiguousarray(sh[j0:j1])
-    return CcfBank(sh, sh * sh, lags, nt, j0, j1)
+    sh = sh[j0:j1]
+    on = np.ones(j1 - j0, bool) if off is None else ~np.asarray(off, bool)[j0:j1]
+    sh2 = sh * sh
+    sh2[~on] = 0.0
+    return CcfBank(np.ascontiguousarray(sh.T), sh2, sh2.sum(axis=0, dtype=np.float64).astype(np.float32),
+                   on, lags, nt, j0, j1)
 
 
 def ccf_velocity(x: np.ndarray, gx: np.ndarray, bank: CcfBank, dlog: float
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Velocity (km/s) of each spectrum by cross-correlation with templates on a log10 grid.
 
-    ``x`` (n, m): line depth ``1 - flux/continuum`` of the observed-frame spectra, 0 where
-    ``gx`` (weights, 0/1) is 0; ``bank``: rest-frame template line depths shifted by each lag.
-    The normalised CCF ``sum x_j t_{j-L} / sqrt(sum x^2 * sum gx t_{j-L}^2)`` (sums over the
-    templates' range) comes from two matrix products; the best template and lag win and a parabola
-    through the log-CCF (a Gaussian peak) refines the lag. Returns (v_kms, peak_ccf, at_edge);
-    the peak is 0 for a spectrum without lines (rms depth below 1e-4: no velocity information).
+    Pixel-major inputs: ``x`` (m, n) float32, the line depth ``1 - flux/continuum`` of the
+    observed-frame spectra, 0 where ``gx`` (m, n) bool is False (which it is on the bank's ``off``
+    pixels); ``bank``: rest-frame template line depths shifted by each lag. The normalised CCF
+    ``sum x_j t_{j-L} / sqrt(sum x^2 * sum gx t_{j-L}^2)`` (sums over the templates' range) comes
+    from two matrix products, the second one sparse when few pixels are invalid (the template
+    norms are their totals minus the invalid pixels' part); the best template and lag win and a
+    parabola through the log-CCF (a Gaussian peak) refines the lag. Returns (v_kms, peak_ccf,
+    at_edge); the peak is 0 for a spectrum without lines (rms depth below 1e-4: no velocity
+    information).
     """
     from stxcli.spectra import C_KMS
 
-    x = x[:, bank.j0: bank.j1]
-    gx = gx[:, bank.j0: bank.j1]
-    n = x.shape[0]
+    import scipy.sparse as sp
+
+    x = x[bank.j0: bank.j1]
+    gx = gx[bank.j0: bank.j1]
+    n = x.shape[1]
     nt, lags = bank.ntemplates, bank.lags
     nl = lags.size
-    num = (x @ bank.sh).reshape(n, nt, nl)
-    tnorm = (gx @ bank.sh2).reshape(n, nt, nl)
-    xnorm = np.einsum("ij,ij->i", x, x)[:, None, None]
-    ngood = gx.sum(axis=1)[:, None, None]
+    num = (bank.sh_t @ x).T.reshape(n, nt, nl)
+    invalid = ~gx
+    invalid &= bank.on[:, None]
+    ninv = int(np.count_nonzero(invalid))
+    if ninv <= _SPARSE_INVALID_FRAC * invalid.size:
+        r, c = np.divmod(np.flatnonzero(invalid), n)
+        s_inv = sp.csr_matrix((np.ones(r.size, np.float32), (c, r)), shape=(n, x.shape[0]))
+        tnorm = bank.sh2_total[None, :] - s_inv @ bank.sh2
+    else:
+        tnorm = (bank.sh2.T @ gx.astype(np.float32)).T
+    tnorm = np.asarray(tnorm).reshape(n, nt, nl)
+    # the subtraction leaves rounding residue (~1e-7 of the total) where no valid pixel meets the
+    # template: such lags carry no information
+    tnorm = np.where(tnorm > 1e-5 * bank.sh2_total.reshape(nt, nl)[None], tnorm, 0.0)
+    xnorm = np.einsum("ij,ij->j", x, x)[:, None, None]
+    ngood = np.count_nonzero(gx, axis=0)[:, None, None]
     xnorm = np.where(xnorm > 1e-8 * np.maximum(ngood, 1), xnorm, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         cc = np.where((tnorm > 0) & (xnorm > 0), num / np.sqrt(tnorm * xnorm), 0.0)

@@ -82,22 +82,33 @@ class _Piece:
 
     grid: L.InputGrid
     cols: np.ndarray | None  # the batch columns (spectra) it holds; None = all
-    a: np.ndarray  # (npix + PAD_ROWS, k) flux * good * width, zero-padded
-    b: np.ndarray  # good * width
+    a: np.ndarray  # (npix, k) flux * good * width
+    b: np.ndarray | None  # good * width; None: every pixel is good (b = width)
     v: np.ndarray  # var * good * width^2
     has_good: np.ndarray  # (k,) any good pixel
 
 
 def _make_piece(grid: L.InputGrid, cols: np.ndarray | None, f: np.ndarray, g: np.ndarray,
                 var: np.ndarray) -> _Piece:
-    npix, k = f.shape
+    """``f`` and ``var`` (0 where ``g`` is False) are scaled in place when they are C-contiguous
+    float32 (the featurizer's own arrays), else copied."""
     w = grid.width.astype(np.float32)[:, None]
-    a, b, v = L.padded(npix, k), L.padded(npix, k), L.padded(npix, k)
-    np.multiply(g, w, out=b[:npix])
-    np.multiply(f, b[:npix], out=a[:npix])
-    np.multiply(var, b[:npix], out=v[:npix])
-    v[:npix] *= w
-    return _Piece(grid, cols, a, b, v, g.any(axis=0))
+    a = np.ascontiguousarray(f, dtype=np.float32)
+    a *= w
+    v = np.ascontiguousarray(var, dtype=np.float32)
+    v *= w * w
+    allgood = bool(g.all())
+    b = None if allgood else np.multiply(g, w, dtype=np.float32)
+    has_good = np.full(g.shape[1], g.shape[0] > 0) if allgood else g.any(axis=0)
+    return _Piece(grid, cols, a, b, v, has_good)
+
+
+def _pixel_major(a: Any, rows: np.ndarray | None, dtype: Any) -> np.ndarray:
+    """A C-contiguous ``(npix, k)`` copy of the ``rows`` (None = all) of an ``(n, npix)`` array."""
+    a = np.asarray(a)
+    if rows is not None:
+        a = a[rows]
+    return np.array(a.T, dtype=dtype, order="C")
 
 
 def _key(*arrays: Any) -> bytes:
@@ -193,6 +204,7 @@ class RawFeaturizer:
         self._zero_mats: dict[bytes, Any] = {}
         self._ccf_templates: np.ndarray | None = None
         self._ccf_bank: L.CcfBank | None = None
+        self._tell = np.zeros(self.dim, bool)
 
     # ----------------------------------------------------------------------------- contract
 
@@ -230,7 +242,9 @@ class RawFeaturizer:
 
     def transform(self, batch: SpectrumBatch) -> FeatureBatch:
         """Features of ``batch``. Internally every array is pixel-major ``(npix, n)`` so that the
-        sparse products and gathers run over contiguous spectra; the output is ``(n, dim)``."""
+        sparse products and gathers run over contiguous spectra; the output is ``(n, dim)``.
+        Spectra without a single usable pixel in any arm skip every step: their output is the
+        missing-pixel fill, flagged ``NO_OVERLAP``."""
         n = batch.n
         m = self.dim
         flags = np.zeros(n, dtype=np.int32)
@@ -242,94 +256,49 @@ class RawFeaturizer:
         if not batch.arms:
             raise StxError("raw featurizer: the batch has no spectrograph arm")
 
-        # 1. clean + common per-spectrum scale
-        cleaned = []
+        # 1. which pixels carry information, which spectra had NaN/inf, which have any data
+        screened = [self._screen(arm) for arm in batch.arms]
         bad_input = np.zeros(n, dtype=bool)
-        asum = np.zeros(n)
-        gsum = np.zeros(n)
-        for arm in batch.arms:
-            flux, ivar, good, nonfinite = self._clean(arm)
+        live_mask = np.zeros(n, dtype=bool)
+        for good, nonfinite in screened:
             bad_input |= nonfinite
-            asum += np.abs(flux).sum(axis=0, dtype=np.float64)
-            gsum += good.sum(axis=0)
-            cleaned.append((flux, ivar, good))
+            live_mask |= good.any(axis=1)
         nbi = batch.meta.extra.get("n_bad_input") if batch.meta.extra else None
         if nbi is not None:
             bad_input |= np.asarray(nbi).reshape(-1)[:n] > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = asum / gsum
-        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-        inv_scale = (1.0 / scale).astype(np.float32)
+        live = None if live_mask.all() else np.flatnonzero(live_mask)
+        rv, need = self._plan_velocities(batch)
+        fill = np.float32(1.0 if self.continuum == "spline" else 0.0)
 
-        # 2. resolution matching, per arm (and per grid inside an arm)
-        pieces: list[_Piece] = []
-        used_nominal = 0
-        for k, arm in enumerate(batch.arms):
-            flux, ivar, good = cleaned[k]
-            cleaned[k] = None  # free each arm's copies as soon as its pieces exist
-            flux *= inv_scale[None, :]
-            var = ivar  # in place: 1/ivar where good
-            np.divide(np.float32(1.0), ivar, out=var, where=good)
-            var *= (inv_scale * inv_scale)[None, :]
-            del ivar
-            for cols, wave in self._row_groups(arm):
-                grid = self._grid(wave)
-                if cols is None:
-                    f, g, vv = flux, good, var
-                else:
-                    f, g, vv = flux[:, cols], good[:, cols], var[:, cols]
-                if self.target_r is not None:
-                    f, g, vv, nominal = self._degrade(arm, grid, cols, f, g, vv)
-                    used_nominal += nominal
-                pieces.append(_make_piece(grid, cols, f, g, vv))
-                del f, g, vv
-            del flux, good, var
-        if used_nominal:
-            notes.append(f"resolution matrix missing for {used_nominal} arm(s): used their resolving_power")
-
-        # 3. observed frame (fixed rebinning), continuum there, velocities
-        flux_o, ivar_o = self._observed_frame(pieces, n)
-        rv, est, empty = self._plan_velocities(batch, pieces)
-        cont_o = None
-        if self.continuum == "spline":
-            cont_o = self._continuum(flux_o, ivar_o, self.cont_iter)
+        # 2-6. the spectra with data
         ccf_peak = np.zeros(n)
-        if est.any():
-            rv[est], ccf_peak[est] = self._estimate_rv(flux_o[:, est], ivar_o[:, est],
-                                                       None if cont_o is None else cont_o[:, est], notes)
+        has_data = np.zeros(n, bool)
+        est = np.zeros(n, bool)
+        if live is None or live.size:
+            feat_l, fivar_l, valid_l = self._live(batch, screened, live, rv, need, has_data, est, ccf_peak, notes)
+        else:
+            feat_l = fivar_l = np.zeros((0, m), np.float32)
+            valid_l = np.zeros((0, m), bool)
+        empty = need & ~has_data
         if empty.any():
             notes.append(f"{int(empty.sum())} spectra without data: no RV estimated (0 used)")
         flags[est] |= F.RV_ESTIMATED
-        zfac = 1.0 + rv / C_KMS
 
-        # 4. rest frame: exact rebinning at each spectrum's velocity, arms combined by ivar
-        if np.all(zfac == 1.0):
-            flux_r, ivar_r, cont_r = flux_o, ivar_o, cont_o
+        if live is None:
+            feat, fivar, valid = feat_l, fivar_l, valid_l
         else:
-            del flux_o, ivar_o
-            flux_r, ivar_r = self._rest_frame(pieces, zfac, n)
-            cont_r = None if cont_o is None else L.shift_columns(cont_o, np.log10(zfac) / self.dlog)
-            del cont_o
-        del pieces
-
-        # 5. continuum normalisation; 6. missing pixels, quality
-        if cont_r is not None:
-            feat, fivar, valid = self._normalise(flux_r, ivar_r, cont_r)
-            fill = np.float32(1.0)
-        else:
-            feat = flux_r * scale.astype(np.float32)[None, :]
-            fivar = ivar_r * (inv_scale * inv_scale)[None, :]
-            valid = ivar_r > 0
-            fill = np.float32(0.0)
-        valid &= np.isfinite(feat)
-        valid &= np.isfinite(fivar)
-        valid &= fivar > 0
-        feat = np.ascontiguousarray(np.where(valid, feat, fill).T, dtype=np.float32)
-        fivar = np.ascontiguousarray(np.where(valid, fivar, np.float32(0.0)).T, dtype=np.float32)
-        valid = np.ascontiguousarray(valid.T)
-        nvalid = valid.sum(axis=1)
+            feat = np.full((n, m), fill, np.float32)
+            fivar = np.zeros((n, m), np.float32)
+            valid = np.zeros((n, m), bool)
+            feat[live], fivar[live], valid[live] = feat_l, fivar_l, valid_l
+        nvalid = np.count_nonzero(valid, axis=1)
         masked_frac = (1.0 - nvalid / m).astype(np.float32)
-        snr = _masked_median(feat * np.sqrt(fivar), valid).astype(np.float32)
+        snr = np.zeros(n, np.float32)
+        snr_l = _masked_median(feat_l * np.sqrt(fivar_l), valid_l).astype(np.float32)
+        if live is None:
+            snr = snr_l
+        else:
+            snr[live] = snr_l
         flags[nvalid == 0] |= F.NO_OVERLAP
         flags[masked_frac > self.heavy_mask_frac] |= F.HEAVY_MASK
         flags[snr < self.snr_min] |= F.LOW_SNR
@@ -347,36 +316,155 @@ class RawFeaturizer:
         }
         return FeatureBatch(features=feat, ivar=fivar, quality=quality, meta=batch.meta, notes=notes)
 
+    def _live(self, batch: SpectrumBatch, screened: list[tuple[np.ndarray, np.ndarray]], live: np.ndarray | None,
+              rv: np.ndarray, need: np.ndarray, has_data: np.ndarray, est: np.ndarray, ccf_peak: np.ndarray,
+              notes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Steps 1-6 for the spectra ``live`` (None = all): ``(nl, dim)`` features, ivar and valid
+        pixels. Fills ``rv``, ``has_data``, ``est`` and ``ccf_peak`` (length-n arrays) in place."""
+        nl = batch.n if live is None else live.size
+
+        # 1. pixel-major copies of the live spectra, zero where not good, one scale per spectrum
+        arms: list[Any] = []
+        asum = np.zeros(nl)
+        gsum = np.zeros(nl)
+        for arm, (good, _) in zip(batch.arms, screened):
+            ft = _pixel_major(arm.flux, live, np.float32)
+            gt = _pixel_major(good, live, bool)
+            allgood = bool(gt.all())
+            if not allgood:
+                np.copyto(ft, np.float32(0.0), where=~gt)
+            asum += np.abs(ft).sum(axis=0, dtype=np.float64)
+            gsum += np.count_nonzero(gt, axis=0)
+            arms.append((ft, gt, allgood))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = asum / gsum
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        inv_scale = (1.0 / scale).astype(np.float32)
+        inv2 = (inv_scale * inv_scale)[None, :]
+
+        # 2. resolution matching, per arm (and per grid inside an arm)
+        pieces: list[_Piece] = []
+        used_nominal = 0
+        for k, arm in enumerate(batch.arms):
+            ft, gt, allgood = arms[k]
+            arms[k] = None  # free each arm's copies as soon as its pieces exist
+            ft *= inv_scale[None, :]
+            var = _pixel_major(arm.ivar, live, np.float32)
+            with np.errstate(divide="ignore", over="ignore"):
+                np.divide(np.broadcast_to(inv2, var.shape), var, out=var, where=gt)  # scaled 1/ivar
+            if not allgood:
+                np.copyto(var, np.float32(0.0), where=~gt)
+            for cols, wave in self._row_groups(arm, live):
+                grid = self._grid(wave)
+                if cols is None:
+                    f, g, vv = ft, gt, var
+                else:
+                    f, g, vv = ft[:, cols], gt[:, cols], var[:, cols]
+                if self.target_r is not None:
+                    rows = live if cols is None else (cols if live is None else live[cols])
+                    f, g, vv, nominal = self._degrade(arm, grid, rows, f, g, vv)
+                    used_nominal += nominal
+                pieces.append(_make_piece(grid, cols, f, g, vv))
+                del f, g, vv
+            del ft, gt, var
+        if used_nominal:
+            notes.append(f"resolution matrix missing for {used_nominal} arm(s): used their resolving_power")
+
+        # 3. observed frame (fixed rebinning), continuum there, velocities
+        flux_o, ivar_o = self._observed_frame(pieces, nl)
+        hd = np.zeros(nl, bool)
+        for pc in pieces:
+            if pc.cols is None:
+                hd |= pc.has_good
+            else:
+                hd[pc.cols[pc.has_good]] = True
+        sel = slice(None) if live is None else live
+        has_data[sel] = hd
+        est_l = need[sel] & hd
+        est[sel] = est_l
+        cont_o = None
+        if self.continuum == "spline":
+            cont_o = self._continuum(flux_o, ivar_o, self.cont_iter)
+        rv_l = rv[sel].copy()
+        if est_l.any():
+            ce = np.flatnonzero(est_l)
+            full = ce.size == nl
+            v, peak = self._estimate_rv(flux_o if full else flux_o[:, ce], ivar_o if full else ivar_o[:, ce],
+                                        None if cont_o is None else (cont_o if full else cont_o[:, ce]), notes)
+            rv_l[ce] = v
+            pk = np.zeros(nl)
+            pk[ce] = peak
+            ccf_peak[sel] = pk
+        rv[sel] = rv_l
+        zfac = 1.0 + rv_l / C_KMS
+
+        # 4. rest frame: exact rebinning at each spectrum's velocity, arms combined by ivar
+        if np.all(zfac == 1.0):
+            flux_r, ivar_r, cont_r = flux_o, ivar_o, cont_o
+        else:
+            del flux_o, ivar_o
+            flux_r, ivar_r = self._rest_frame(pieces, zfac, nl)
+            cont_r = None if cont_o is None else L.shift_columns(cont_o, np.log10(zfac) / self.dlog)
+            del cont_o
+        del pieces
+
+        # 5. continuum normalisation; 6. missing pixels
+        if cont_r is not None:
+            feat, fivar, valid = self._normalise(flux_r, ivar_r, cont_r)
+            fill = np.float32(1.0)
+        else:
+            feat = flux_r
+            feat *= scale.astype(np.float32)[None, :]
+            fivar = ivar_r
+            fivar *= inv2
+            valid = ivar_r > 0
+            fill = np.float32(0.0)
+        with np.errstate(invalid="ignore"):
+            valid &= np.isfinite(feat)
+            valid &= fivar > 0  # also False for NaN
+            valid &= fivar < np.inf
+        invalid = ~valid
+        np.copyto(feat, fill, where=invalid)
+        np.copyto(fivar, np.float32(0.0), where=invalid)
+        return (np.ascontiguousarray(feat.T), np.ascontiguousarray(fivar.T), np.ascontiguousarray(valid.T))
+
     # ------------------------------------------------------------------------------ helpers
 
     @staticmethod
-    def _clean(arm: Arm) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Pixel-major copies ``(npix, n)``: flux and ivar zeroed where not good, good, and which
-        spectra had non-finite input."""
+    def _screen(arm: Arm) -> tuple[np.ndarray, np.ndarray]:
+        """``good`` (n, npix), the pixels that carry information (finite flux and ivar, ivar > 0,
+        not masked), and which spectra had non-finite input (n,). No copy of flux or ivar: rows
+        are screened with two sums (NaN/inf propagate) and only suspect rows are examined pixel by
+        pixel."""
         flux = np.asarray(arm.flux)
         ivar = np.asarray(arm.ivar)
         if flux.ndim != 2 or ivar.shape != flux.shape:
             raise StxError(f"raw featurizer: arm {arm.name}: flux/ivar must be (n, npix) of one shape")
-        flux = np.array(flux.T, dtype=np.float32, order="C")  # always a copy: modified in place
-        ivar = np.array(ivar.T, dtype=np.float32, order="C")
-        fin = np.isfinite(flux)
-        fin &= np.isfinite(ivar)
-        nonfinite = ~fin.all(axis=0)
-        good = fin
-        good &= ivar > 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            suspect = ~np.isfinite(flux.sum(axis=1)) | ~np.isfinite(ivar.sum(axis=1))
+            good = ivar > 0
         if arm.mask is not None:
-            good &= ~np.asarray(arm.mask, dtype=bool).T
-        if not good.all():
-            flux = np.where(good, flux, np.float32(0.0))
-            ivar = np.where(good, ivar, np.float32(0.0))
-        return flux, ivar, good, nonfinite
+            mask = np.asarray(arm.mask, dtype=bool)
+            if mask.shape != flux.shape:
+                raise StxError(f"raw featurizer: arm {arm.name}: mask must have the shape of flux")
+            good &= ~mask
+        nonfinite = np.zeros(flux.shape[0], bool)
+        rows = np.flatnonzero(suspect)
+        if rows.size:
+            fin = np.isfinite(flux[rows]) & np.isfinite(ivar[rows])
+            nonfinite[rows] = ~fin.all(axis=1)
+            good[rows] &= fin
+        return good, nonfinite
 
     @staticmethod
-    def _row_groups(arm: Arm) -> list[tuple[np.ndarray | None, np.ndarray]]:
-        """(columns, wavelength) per distinct grid; columns None = the whole batch."""
+    def _row_groups(arm: Arm, live: np.ndarray | None = None) -> list[tuple[np.ndarray | None, np.ndarray]]:
+        """(columns, wavelength) per distinct grid among the spectra ``live`` (None = all), the
+        columns counted within ``live``; columns None = all of them."""
         wave = np.asarray(arm.wave, dtype=np.float64)
         if wave.ndim == 1:
             return [(None, wave)]
+        if live is not None:
+            wave = wave[live]
         uniq, inverse = np.unique(wave, axis=0, return_inverse=True)
         if uniq.shape[0] == 1:
             return [(None, uniq[0])]
@@ -405,15 +493,17 @@ class RawFeaturizer:
         raise StxError(f"raw featurizer: arm {arm.name} has no resolving power; set assume_source_r "
                        f"(the R to assume) or target_r=None (no resolution matching)")
 
-    def _degrade(self, arm: Arm, grid: L.InputGrid, cols: np.ndarray | None, f: np.ndarray, g: np.ndarray,
+    def _degrade(self, arm: Arm, grid: L.InputGrid, rows: np.ndarray | None, f: np.ndarray, g: np.ndarray,
                  vv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Resolution matching of one piece; ``f`` and ``vv`` are 0 where ``g`` is False, ``rows``
+        are the piece's rows in the batch (None = all)."""
         assert self.target_r is not None
         if not g.any():  # nothing to degrade (e.g. dead fibres only): no resolution needed
             return f, g, vv, 0
         if self.use_resolution_matrix and arm.resolution is not None:
             res = np.asarray(arm.resolution)
-            if cols is not None:
-                res = res[cols]
+            if rows is not None:
+                res = res[rows]
             if res.ndim != 3 or res.shape[0] != f.shape[1] or res.shape[2] != grid.npix:
                 raise StxError(f"raw featurizer: arm {arm.name}: resolution must be (n, ndiag, npix)")
             sig_src = L.sigma_from_resolution(res) * grid.width[:, None]
@@ -438,7 +528,7 @@ class RawFeaturizer:
         nominal = int(self.use_resolution_matrix)  # asked for the matrix, the arm had none
         if deg is None:
             return f, g, vv, nominal
-        f2, g2, v2 = L.apply_degrader(deg, f, g, vv)
+        f2, g2, v2 = L.apply_degrader(deg, f, g, vv, zeroed=True)
         return f2, g2, v2, nominal
 
     # ----------------------------------------------------------------------- rest frame, RV
@@ -465,11 +555,12 @@ class RawFeaturizer:
             mats = self._zero_mats.get(key)
             if mats is None:
                 o = L.resample_matrix(pc.grid, self._edges[j0: j1 + 1])
-                mats = (o, o.multiply(o).tocsr())
+                covered = (o @ pc.grid.width.astype(np.float32)).astype(np.float32)[:, None]
+                mats = (o, o.multiply(o).tocsr(), covered)
                 _put(self._zero_mats, key, mats)
-            o, o2 = mats
-            npix = pc.grid.npix
-            num, den, vnum = o @ pc.a[:npix], o @ pc.b[:npix], o2 @ pc.v[:npix]
+            o, o2, covered = mats
+            num, vnum = o @ pc.a, o2 @ pc.v
+            den = covered if pc.b is None else o @ pc.b
             width = np.diff(self._edges[j0: j1 + 1]).astype(np.float32)[:, None]
             self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, width)
         return _finish_combination(s_fi, s_i)
@@ -487,7 +578,7 @@ class RawFeaturizer:
                 continue
             edges = self._edges[j0: j1 + 1]
             p = L.edge_positions(pc.grid, edges, zf)
-            num, den, vnum = L.resample_sums(pc.a, pc.b, pc.v, p, pc.grid.npix)
+            num, den, vnum = L.resample_sums(pc.a, pc.b, pc.v, p, pc.grid.npix, pc.grid)
             width = (np.diff(edges)[:, None] * zf[None, :]).astype(np.float32)
             self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, width)
         return _finish_combination(s_fi, s_i)
@@ -495,12 +586,13 @@ class RawFeaturizer:
     def _accumulate(self, s_fi: np.ndarray, s_i: np.ndarray, cols: np.ndarray | None, j0: int, j1: int,
                     num: np.ndarray, den: np.ndarray, vnum: np.ndarray, width: np.ndarray) -> None:
         """Add one arm's rebinned sums as ``ivar * flux`` and ``ivar`` (bins whose good coverage is
-        below ``min_coverage`` of their width are left out)."""
-        ok = den >= np.float32(self.min_coverage) * width
-        ok &= vnum > 0
+        below ``min_coverage`` of their width are left out). ``num`` is overwritten."""
+        ok = vnum > 0
+        ok &= den >= np.float32(self.min_coverage) * width
+        iv = np.zeros(vnum.shape, np.float32)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            iv = np.where(ok, den / np.where(ok, vnum, np.float32(1.0)), np.float32(0.0))
-            fi = iv * num  # ivar * flux = (den^2/vnum) * (num/den)
+            np.divide(np.broadcast_to(den, vnum.shape), vnum, out=iv, where=ok)
+            fi = np.multiply(iv, num, out=num)  # ivar * flux = (den^2/vnum) * (num/den)
             iv *= den
         if cols is None:
             s_fi[j0:j1] += fi
@@ -512,28 +604,29 @@ class RawFeaturizer:
     def _continuum(self, flux: np.ndarray, ivar: np.ndarray, n_iter: int) -> np.ndarray:
         if self._cont_model is None:
             self._cont_model = L.build_continuum_model(np.log10(self._wave), self.cont_knot_dlog, self.cont_bin)
-        return L.fit_continuum(self._cont_model, flux, ivar > 0, n_iter, self.cont_clip_lo, self.cont_clip_hi)
+        return L.fit_continuum(self._cont_model, flux, ivar > 0, n_iter, self.cont_clip_lo, self.cont_clip_hi,
+                               zeroed=True)  # the combination leaves flux 0 where ivar is 0
 
     def _normalise(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """flux/cont and ivar*cont^2 (m, n); pixels whose continuum is below ``cont_floor`` times
         the spectrum's mean continuum over its good pixels are not valid."""
         good = ivar > 0
-        ng = good.sum(axis=0)
+        ng = np.count_nonzero(good, axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             cref = np.einsum("ij,ij->j", cont, good.astype(np.float32)) / ng
         floor = np.where(np.isfinite(cref) & (cref > 0), self.cont_floor * cref, np.inf).astype(np.float32)
-        valid = good & (cont > floor[None, :])
+        valid = good
+        valid &= cont > floor[None, :]
         safe = np.where(valid, cont, np.float32(1.0))
         feat = flux / safe
         fivar = ivar * safe
         fivar *= safe
         return feat, fivar, valid
 
-    def _plan_velocities(self, batch: SpectrumBatch, pieces: list[_Piece]
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Velocities known up front, and which spectra need an estimate (``est``) or cannot get
-        one for lack of data (``empty``, velocity 0)."""
+    def _plan_velocities(self, batch: SpectrumBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Velocities known up front (0 elsewhere) and which spectra need an estimate; whether
+        they get one depends on their having data."""
         n = batch.n
         meta_rv = np.asarray(batch.meta.rv_kms, dtype=np.float64).reshape(-1)
         if meta_rv.size != n:
@@ -541,7 +634,7 @@ class RawFeaturizer:
         rv = np.zeros(n)
         none = np.zeros(n, bool)
         if self.rv == "none":
-            return rv, none, none
+            return rv, none
         known = np.isfinite(meta_rv)
         if np.any(np.abs(meta_rv[known]) >= C_KMS / 2):
             raise StxError("raw featurizer: meta.rv_kms holds values beyond c/2; is it a redshift?")
@@ -549,16 +642,10 @@ class RawFeaturizer:
             if not known.all():
                 raise StxError(f"raw featurizer: rv='meta' but {int((~known).sum())} of {n} spectra have no "
                                f"radial velocity (use rv='auto' to estimate those, or give a catalog column)")
-            return meta_rv.copy(), none, none
+            return meta_rv.copy(), none
         need = ~known if self.rv == "auto" else np.ones(n, bool)
         rv[~need] = meta_rv[~need]
-        has_data = np.zeros(n, bool)
-        for pc in pieces:
-            if pc.cols is None:
-                has_data |= pc.has_good
-            else:
-                has_data[pc.cols[pc.has_good]] = True
-        return rv, need & has_data, need & ~has_data
+        return rv, need
 
     def _estimate_rv(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray | None, notes: list[str]
                      ) -> tuple[np.ndarray, np.ndarray]:
@@ -568,16 +655,18 @@ class RawFeaturizer:
         if cont is None:  # continuum="none": a continuum for the cross-correlation only
             cont = self._continuum(flux, ivar, _RV_CONT_ITER)
         feat, _, valid = self._normalise(flux, ivar, cont)
-        tell = np.zeros(self.dim, bool)
-        for lo, hi in L.TELLURIC_BANDS:
-            tell |= (self._wave >= lo) & (self._wave <= hi)
-        valid &= ~tell[:, None]
-        gx = np.ascontiguousarray(valid.T, dtype=np.float32)
-        x = np.ascontiguousarray(np.clip(1.0 - feat, -1.0, 1.0).T, dtype=np.float32) * gx
         if self._ccf_bank is None:
+            tell = np.zeros(self.dim, bool)
+            for lo, hi in L.TELLURIC_BANDS:
+                tell |= (self._wave >= lo) & (self._wave <= hi)
             max_lag = int(math.ceil(math.log10(1.0 + self.rv_max_kms / C_KMS) / self.dlog)) + 1
-            self._ccf_bank = L.ccf_bank(self._templates(), max_lag)
-        v, peak, edge = L.ccf_velocity(x, gx, self._ccf_bank, self.dlog)
+            self._ccf_bank = L.ccf_bank(self._templates(), max_lag, off=tell)
+            self._tell = tell
+        valid &= ~self._tell[:, None]
+        x = np.subtract(np.float32(1.0), feat, out=feat)
+        np.clip(x, np.float32(-1.0), np.float32(1.0), out=x)
+        x *= valid
+        v, peak, edge = L.ccf_velocity(x, valid, self._ccf_bank, self.dlog)
         failed = ~(peak > 0)  # nothing on the grid to correlate, or no positive CCF peak
         weak = ~failed & ((peak < 0.2) | edge)
         extra = []
@@ -610,7 +699,7 @@ class RawFeaturizer:
         if self.target_r is not None:
             deg = L.build_degrader(grid, L.kernel_sigma(wave, wave / fwhm, self.target_r))
             if deg is not None:
-                f, good, var = L.apply_degrader(deg, f, good, var)
+                f, good, var = L.apply_degrader(deg, f, good, var, zeroed=True)
         pc = _make_piece(grid, None, f, good, var)
         flux_c, ivar_c = self._observed_frame([pc], nt)
         if not (ivar_c > 0).any(axis=0).all():
