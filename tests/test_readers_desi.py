@@ -231,3 +231,48 @@ def test_truncated_and_missing_files(shared, tmp_path):
     (tmp_path / "junk.fits").write_bytes(b"SIMPLE  =                    T" + b"\0" * 100)
     with pytest.raises(FormatError, match=r"junk\.fits"):
         list(READER.read(tmp_path / "junk.fits"))
+
+
+# ---------------------------------------------------------------------- direct header scan
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_header_scan_finds_what_astropy_finds(shared, name):
+    from stx_builtin.readers._fits import _card_value, scan_headers
+
+    path = shared / "desi-edr" / name
+    hdus = scan_headers(path)
+    with fits.open(path) as h:
+        assert [x.name for x in hdus] == [hh.name for hh in h]
+        for raw, hh in zip(hdus, h):
+            if raw.compressed:  # the spectra files' tile-compressed masks: read through astropy
+                assert isinstance(hh, fits.CompImageHDU)
+                continue
+            assert raw.data_offset == hh.fileinfo()["datLoc"]
+            naxis = hh.header["NAXIS"]
+            assert raw.shape == tuple(hh.header[f"NAXIS{j}"] for j in range(naxis, 0, -1))
+            for key in ("BITPIX", "NAXIS", "EXTNAME", "BZERO", "BSCALE", "TFIELDS", "TTYPE1", "TFORM1"):
+                if key in hh.header:
+                    assert raw.header[key] == hh.header[key], key
+    assert _card_value(" 'O''Brien '          / a quote") == "O'Brien"
+    assert _card_value("                 1.5D3 / exp") == 1500.0
+    assert _card_value("                     T") is True and _card_value("  -32 / bits") == -32
+
+
+def test_plain_and_astropy_paths_read_the_same(tiled, tmp_path):
+    import gzip
+    import shutil
+
+    gz = tmp_path / "coadd-35.fits.gz"  # gzip: read through astropy
+    with open(tiled, "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    a = list(READER.read(tiled, chunk_size=16, with_resolution=True))
+    b = list(READER.read(gz, chunk_size=16, with_resolution=True))
+    assert [x.n for x in a] == [x.n for x in b] == [16, 16, 3]
+    for ai in range(3):
+        for attr in ("wave", "resolving_power"):
+            np.testing.assert_array_equal(getattr(a[0].arms[ai], attr), getattr(b[0].arms[ai], attr))
+        for attr in ("flux", "ivar", "mask", "resolution"):
+            np.testing.assert_array_equal(concat(a, ai, attr), concat(b, ai, attr))
+    for attr in ("ids", "ra", "dec", "source_row"):
+        np.testing.assert_array_equal(meta_cat(a, attr), meta_cat(b, attr))

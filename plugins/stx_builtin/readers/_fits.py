@@ -219,6 +219,18 @@ class ImageRows:
                 raise FormatError(f"{path}: HDU {name} extends past the end of the file (truncated)")
             self._view = np.ndarray(self.shape, dtype=dtype, buffer=filemap, offset=offset)
 
+    @classmethod
+    def from_raw(cls, hdu: RawHdu, path: Path, filemap: np.ndarray) -> ImageRows:
+        """The same access for an HDU found by :func:`scan_headers` (an uncompressed image)."""
+        obj = cls.__new__(cls)
+        obj.name = hdu.name
+        obj.shape = hdu.shape
+        bscale, bzero = float(hdu.header.get("BSCALE", 1.0)), float(hdu.header.get("BZERO", 0.0))
+        obj.zero_raw = -bzero / bscale
+        obj._hdu = None
+        obj._view = raw_image(hdu, filemap, path)
+        return obj
+
     def __call__(self, start: int, stop: int) -> np.ndarray:
         if self._view is not None:
             return self._view[start:stop]
@@ -322,3 +334,180 @@ def median_snr(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, stride: int
             snr[redo] = masked_median(flux[redo] * np.sqrt(ivar[redo]), mask[redo])
     snr[np.isnan(snr)] = 0.0
     return snr
+
+
+# ------------------------------------------------------------------ direct header scan (plain files)
+
+_BLOCK = 2880
+
+
+class RawHdu:
+    """One HDU of an uncompressed FITS file found by :func:`scan_headers`: its header keywords
+    (first occurrence, values parsed to bool/int/float/str), where its data start and how many
+    bytes they hold (padding excluded)."""
+
+    __slots__ = ("index", "name", "header", "data_offset", "data_bytes")
+
+    def __init__(self, index: int, name: str, header: dict[str, Any], data_offset: int, data_bytes: int) -> None:
+        self.index = index
+        self.name = name
+        self.header = header
+        self.data_offset = data_offset
+        self.data_bytes = data_bytes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy order (slowest axis first), as astropy's ``hdu.shape``."""
+        naxis = int(self.header.get("NAXIS", 0))
+        return tuple(int(self.header.get(f"NAXIS{j}", 0)) for j in range(naxis, 0, -1))
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.header.get("ZIMAGE", False))
+
+
+def _card_value(text: str) -> Any:
+    """The value of a FITS card from column 11 on: a quoted string ('' is a quote; trailing blanks
+    dropped), T/F, an integer, a real (D exponents too), else the raw text."""
+    text = text.lstrip()
+    if text.startswith("'"):
+        out, i = [], 1
+        while i < len(text):
+            j = text.find("'", i)
+            if j < 0:
+                out.append(text[i:])
+                break
+            out.append(text[i:j])
+            if text[j + 1: j + 2] == "'":
+                out.append("'")
+                i = j + 2
+            else:
+                break
+        return "".join(out).rstrip()
+    v = text.split("/", 1)[0].strip()
+    if v == "T":
+        return True
+    if v == "F":
+        return False
+    try:
+        return int(v)
+    except ValueError:
+        pass
+    try:
+        return float(v.replace("D", "E").replace("d", "e"))
+    except ValueError:
+        return v
+
+
+def scan_headers(path: Path) -> list[RawHdu]:
+    """Every HDU's header and data location in an uncompressed FITS file, read block by block
+    with plain file reads: no astropy HDU objects (their setup costs more than reading a DESI
+    coadd's arrays). A header or data block that runs past the end of the file is a truncated
+    file; anything that is not FITS is a corrupt one (both :class:`FormatError`)."""
+    path = Path(path)
+    size = path.stat().st_size
+    hdus: list[RawHdu] = []
+    pos = 0
+    with open(path, "rb") as fh:
+        while pos < size:
+            hdr: dict[str, Any] = {}
+            first = True
+            done = False
+            while not done:
+                fh.seek(pos)
+                block = fh.read(_BLOCK)
+                if len(block) < _BLOCK:
+                    raise FormatError(f"{path}: truncated FITS file (header of HDU {len(hdus)} is cut off)")
+                pos += _BLOCK
+                text = block.decode("ascii", errors="replace")
+                for i in range(0, _BLOCK, 80):
+                    card = text[i: i + 80]
+                    key = card[:8].rstrip()
+                    if first:
+                        want = "SIMPLE" if not hdus else "XTENSION"
+                        if key != want:
+                            if hdus:  # bytes after the last HDU that are no HDU: ignored (as astropy)
+                                return hdus
+                            raise FormatError(f"{path}: corrupt or unreadable FITS file (no SIMPLE card)")
+                        first = False
+                    if key == "END":
+                        done = True
+                        break
+                    if card[8:10] == "= " and key not in hdr:
+                        hdr[key] = _card_value(card[10:])
+            try:
+                bitpix = abs(int(hdr["BITPIX"]))
+                naxis = int(hdr["NAXIS"])
+                dims = [int(hdr[f"NAXIS{j}"]) for j in range(1, naxis + 1)]
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"{path}: corrupt or unreadable FITS file (HDU {len(hdus)}: bad BITPIX/NAXIS)") from None
+            if hdr.get("GROUPS") is True and dims and dims[0] == 0:
+                dims = dims[1:]
+            n = int(np.prod(dims, dtype=np.int64)) if dims else 0
+            nbytes = bitpix // 8 * int(hdr.get("GCOUNT", 1)) * (int(hdr.get("PCOUNT", 0)) + n) if dims else 0
+            if pos + nbytes > size:
+                raise FormatError(f"{path}: truncated FITS file (data of HDU {len(hdus)} end past the file)")
+            idx = len(hdus)
+            name = str(hdr.get("EXTNAME", "PRIMARY" if idx == 0 else f"HDU{idx}")).strip().upper()
+            hdus.append(RawHdu(idx, name, hdr, pos, nbytes))
+            pos += -(-nbytes // _BLOCK) * _BLOCK
+    if not hdus:
+        raise FormatError(f"{path}: FITS file has no HDU")
+    return hdus
+
+
+def raw_hdu(hdus: list[RawHdu], name: str, path: Path) -> RawHdu:
+    """The HDU called ``name`` or the FormatError of :func:`require_hdu`."""
+    for h in hdus:
+        if h.name == name:
+            return h
+    have = ", ".join(h.name for h in hdus) or "none"
+    raise FormatError(f"{path}: HDU {name!r} is missing (file has: {have})")
+
+
+def raw_image(hdu: RawHdu, filemap: np.ndarray, path: Path) -> np.ndarray:
+    """A view into ``filemap`` of an image HDU's raw (big-endian, unscaled) data."""
+    bitpix = int(hdu.header.get("BITPIX", 0))
+    if bitpix not in _BITPIX_DTYPE or not hdu.shape:
+        raise FormatError(f"{path}: HDU {hdu.name} is not an image (BITPIX {bitpix}, shape {hdu.shape})")
+    return np.ndarray(hdu.shape, dtype=np.dtype(_BITPIX_DTYPE[bitpix]), buffer=filemap, offset=hdu.data_offset)
+
+
+def raw_table_columns(hdu: RawHdu, names: tuple[str, ...], path: Path, filemap: np.ndarray) -> Any:
+    """:func:`table_columns` for a scanned HDU: ``rows(start, stop) -> {name: native array}`` read
+    at the TFORM offsets; only scalar, unscaled numeric columns (what a DESI FIBERMAP's TARGETID,
+    TARGET_RA, TARGET_DEC are)."""
+    hdr = hdu.header
+    offsets: dict[str, tuple[int, str | None]] = {}
+    pos = 0
+    for j in range(1, int(hdr.get("TFIELDS", 0)) + 1):
+        m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
+        if m is None:
+            raise FormatError(f"{path}: {hdu.name}: unsupported TFORM{j} {hdr.get(f'TFORM{j}')!r}")
+        rep = int(m.group(1)) if m.group(1) else 1
+        code = m.group(2)
+        width = (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
+        plain = rep == 1 and code in _TFORM_DTYPE and f"TSCAL{j}" not in hdr and f"TZERO{j}" not in hdr
+        offsets[str(hdr.get(f"TTYPE{j}", "")).strip().upper()] = (pos, _TFORM_DTYPE[code] if plain else None)
+        pos += width
+    if pos != int(hdr.get("NAXIS1", -1)):
+        raise FormatError(f"{path}: {hdu.name}: column widths ({pos}) do not add up to NAXIS1")
+    for n in names:
+        if n not in offsets:
+            raise FormatError(f"{path}: {hdu.name} lacks column {n}")
+        if offsets[n][1] is None:
+            raise FormatError(f"{path}: {hdu.name} column {n} is not a plain numeric scalar")
+    nrows = int(hdr.get("NAXIS2", 0))
+    dtype = np.dtype({"names": list(names), "formats": [offsets[n][1] for n in names],
+                      "offsets": [offsets[n][0] for n in names], "itemsize": pos})
+    table = np.ndarray((nrows,), dtype=dtype, buffer=filemap, offset=hdu.data_offset)
+
+    def rows(start: int, stop: int) -> dict[str, np.ndarray]:
+        block = table[start:stop]
+        return {n: block[n].astype(block[n].dtype.newbyteorder("="), copy=True) for n in names}
+
+    return rows
+
+
+def table_column_names(hdu: RawHdu) -> set[str]:
+    return {str(hdu.header.get(f"TTYPE{j}", "")).strip().upper() for j in range(1, int(hdu.header.get("TFIELDS", 0)) + 1)}

@@ -52,8 +52,9 @@ from stxcli.hookspecs import hookimpl
 from stxcli.protocols import PRIORITY_SURVEY, FileProbe
 from stxcli.spectra import Arm, SpectrumBatch, SpectrumMeta
 
-from ._fits import (SNR_STRIDE, ImageRows, clean_flux_ivar, file_map, masked_median, median_snr, native_f32,
-                    open_fits, require_hdu, table_columns)
+from ._fits import (SNR_STRIDE, ImageRows, RawHdu, clean_flux_ivar, file_map, is_plain_file, masked_median,
+                    median_snr, native_f32, open_fits, raw_hdu, raw_image, raw_table_columns, require_hdu,
+                    scan_headers, table_column_names, table_columns)
 
 ARMS = ("b", "r", "z")
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -80,6 +81,10 @@ class DesiReader:
         path = Path(path)
         if chunk_size < 1:
             raise ValueError("chunk_size must be >= 1")
+        hdus = _scan_plain(path)
+        if hdus is not None:
+            yield from self._read_plain(path, hdus, chunk_size, with_resolution)
+            return
         with open_fits(path, raw_scaling=True) as hdul:
             fm = require_hdu(hdul, "FIBERMAP", path)
             cols = {c.upper() for c in fm.columns.names}
@@ -100,6 +105,57 @@ class DesiReader:
                 yield self._chunk(path, fibermap(start, stop), layout, rpower, start, stop, per_exposure,
                                   with_resolution)
 
+    def _read_plain(self, path: Path, hdus: list[RawHdu], chunk_size: int, with_resolution: bool
+                    ) -> Iterator[SpectrumBatch]:
+        """:meth:`read` of an uncompressed file from its scanned headers: every array is a view
+        into one memory map of the file at the offsets the scan found."""
+        fm = raw_hdu(hdus, "FIBERMAP", path)
+        cols = table_column_names(fm)
+        for c in ("TARGETID", "TARGET_RA", "TARGET_DEC"):
+            if c not in cols:
+                raise FormatError(f"{path}: FIBERMAP lacks column {c}")
+        nspec = int(fm.header.get("NAXIS2", 0))
+        per_exposure = "EXPID" in cols and "COADD_NUMEXP" not in cols
+        names = {h.name for h in hdus}
+        arms = [a for a in ARMS if f"{a.upper()}_FLUX" in names]
+        if not arms:
+            raise FormatError(f"{path}: no B/R/Z_FLUX HDU (not a DESI spectra or coadd file)")
+        filemap = file_map(path)
+        assert filemap is not None
+        layout = {}
+        for a in arms:
+            X = a.upper()
+            wh = raw_hdu(hdus, f"{X}_WAVELENGTH", path)
+            wave = np.array(raw_image(wh, filemap, path), dtype=np.float64).ravel()
+            if "BSCALE" in wh.header or "BZERO" in wh.header:
+                wave = wave * float(wh.header.get("BSCALE", 1.0)) + float(wh.header.get("BZERO", 0.0))
+            lay: dict[str, Any] = {"name": a, "wave": wave}
+            for kind in ("FLUX", "IVAR", "MASK", "RESOLUTION"):
+                key = f"{X}_{kind}"
+                if key not in names and kind in ("MASK", "RESOLUTION"):
+                    if kind == "RESOLUTION" and with_resolution:
+                        raise FormatError(f"{path}: HDU {key!r} is missing (resolution matrix requested)")
+                    lay[kind] = None
+                    continue
+                rows = ImageRows.from_raw(raw_hdu(hdus, key, path), path, filemap)
+                self._check_shape(rows, nspec, wave.size, key, X, path)
+                lay[kind] = rows
+            layout[a] = lay
+        rpower = {a: self._resolving_power(layout[a], nspec) for a in arms}
+        fibermap = raw_table_columns(fm, ("TARGETID", "TARGET_RA", "TARGET_DEC"), path, filemap)
+        for start in range(0, nspec, chunk_size):
+            stop = min(start + chunk_size, nspec)
+            yield self._chunk(path, fibermap(start, stop), layout, rpower, start, stop, per_exposure,
+                              with_resolution)
+
+    @staticmethod
+    def _check_shape(rows: ImageRows, nspec: int, npix: int, key: str, X: str, path: Path) -> None:
+        if not rows.shape or rows.shape[0] != nspec or rows.shape[-1] != npix:
+            raise FormatError(
+                f"{path}: {key} has shape {rows.shape}, expected ({nspec}, ..., {npix}) "
+                f"(FIBERMAP rows, {X}_WAVELENGTH pixels)"
+            )
+
     def _arm_layout(self, hdul: Any, arm: str, nspec: int, path: Path, filemap: np.ndarray | None,
                     with_resolution: bool) -> dict[str, Any]:
         X = arm.upper()
@@ -116,11 +172,7 @@ class DesiReader:
                 out[kind] = None
                 continue
             rows = ImageRows(hdul, key, path, filemap)
-            if not rows.shape or rows.shape[0] != nspec or rows.shape[-1] != wave.size:
-                raise FormatError(
-                    f"{path}: {key} has shape {rows.shape}, expected ({nspec}, ..., {wave.size}) "
-                    f"(FIBERMAP rows, {X}_WAVELENGTH pixels)"
-                )
+            self._check_shape(rows, nspec, wave.size, key, X, path)
             out[kind] = rows
         return out
 
@@ -194,6 +246,21 @@ class DesiReader:
             extra={"targetid": tid, "n_bad_input": n_bad},
         )
         return SpectrumBatch(arms=arms, meta=meta)
+
+
+def _scan_plain(path: Path) -> list[RawHdu] | None:
+    """The scanned headers of an uncompressed DESI file without tile-compressed HDUs, or None
+    (gzip files, the spectra files' compressed masks, anything the scan cannot parse): those are
+    read through astropy, which also gives the error for a broken file."""
+    try:
+        if not path.is_file() or not is_plain_file(path):
+            return None
+        hdus = scan_headers(path)
+    except (OSError, FormatError):
+        return None
+    if any(h.compressed for h in hdus):
+        return None
+    return hdus
 
 
 def resolving_power_from_resolution(res: np.ndarray, wave: np.ndarray) -> np.ndarray | None:
