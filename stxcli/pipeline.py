@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,16 +95,16 @@ RvLookup = dict[str, float]
 
 
 def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = None,
-                   chunk_size: int = 1024, rv_lookup: RvLookup | None = None) -> Iterator[FeatureBatch]:
-    """Read one file with its identified reader and featurize it batch by batch.
+                   chunk_size: int = 1024, rv_lookup: RvLookup | None = None,
+                   reader: Any = None) -> Iterator[FeatureBatch]:
+    """Read one file with its identified reader (or ``reader``, already identified: probing a
+    file parses all its headers, tens of ms for a DESI coadd) and featurize it batch by batch.
 
     BLAS runs single-threaded while featurizing: results then do not depend on the thread count
     (one process, a pool or a Dask cluster give identical stores), and N worker processes on N
     cores do not each start N threads."""
-    from threadpoolctl import threadpool_limits
-
-    reg = get_registry()
-    reader = identify(path, reg, format)
+    if reader is None:
+        reader = identify(path, get_registry(), format)
     for batch in reader.read(path, chunk_size=chunk_size,
                              with_resolution=bool(getattr(featurizer, "needs_resolution", False))):
         try:
@@ -115,9 +116,26 @@ def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = N
             rv = np.array([rv_lookup.get(str(i), np.nan) for i in ids], dtype=np.float64)
             have = np.isfinite(rv)
             batch.meta.rv_kms = np.where(have, rv, batch.meta.rv_kms)
-        with threadpool_limits(limits=1):  # not across the yield: the consumer keeps its threads
+        with _single_threaded_blas():  # not across the yield: the consumer keeps its threads
             fb = featurizer.transform(batch)
         yield fb
+
+
+_blas_state: dict[str, Any] = {}
+
+
+def _single_threaded_blas() -> Any:
+    """``threadpoolctl``'s limit to 1 thread, from a controller kept between batches: building one
+    scans every loaded shared library (1.5-15 ms, per batch before), so it is rebuilt only when
+    Python modules were imported since (the way a native library gets loaded, e.g. torch by a
+    featurizer on first use)."""
+    from threadpoolctl import ThreadpoolController
+
+    n_modules = len(sys.modules)
+    if _blas_state.get("n_modules") != n_modules:
+        _blas_state["controller"] = ThreadpoolController()
+        _blas_state["n_modules"] = len(sys.modules)
+    return _blas_state["controller"].limit(limits=1)
 
 
 # ------------------------------------------------------------------------------ worker processes
@@ -133,10 +151,10 @@ def _init_worker(name: str, config: dict[str, Any], format: str | None, chunk_si
 
 def _run_file(path: Path, lazy: bool = False) -> FileResult:
     st = _worker_state
-    reader = identify(path, get_registry(), st["format"]).name
+    reader = identify(path, get_registry(), st["format"])
     batches = featurize_file(path, st["featurizer"], format=st["format"],
-                             chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"])
-    return FileResult(path, sha256_file(path), reader, batches if lazy else list(batches))
+                             chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"], reader=reader)
+    return FileResult(path, sha256_file(path), reader.name, batches if lazy else list(batches))
 
 
 def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: dict[str, Any], *,
