@@ -519,6 +519,32 @@ def bin_sums(x: np.ndarray, nbin: int) -> np.ndarray:
     return out
 
 
+def shift_rows(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """:func:`shift_columns` returned spectrum-major: ``out[c, j] = values[j + shift[c], c]``
+    (``values`` (m, n) pixel-major, out (n, m)). Each output row is two contiguous slices of one
+    transposed, edge-padded copy: no per-pixel gather."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    m, n = values.shape
+    shift = np.asarray(shift, dtype=np.float64)
+    k = np.floor(shift)
+    frac = (shift - k).astype(np.float32)[:, None]
+    k = k.astype(np.int64)
+    pad = (int(np.abs(k).max()) if n else 0) + 2
+    vt = np.empty((n, m + 2 * pad), np.float32)
+    vt[:, pad: pad + m] = values.T
+    vt[:, :pad] = vt[:, pad: pad + 1]
+    vt[:, pad + m:] = vt[:, pad + m - 1: pad + m]
+    win = sliding_window_view(vt, m, axis=1)
+    rows = np.arange(n)
+    lo = win[rows, pad + k]
+    out = win[rows, pad + k + 1]
+    out -= lo
+    out *= frac
+    out += lo
+    return out
+
+
 def shift_columns(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """``out[j, c] = values[j + shift[c], c]`` by linear interpolation, the first/last row
     repeated beyond the ends (``values`` (m, n), ``shift`` (n,) in pixels)."""

@@ -398,25 +398,29 @@ class RawFeaturizer:
         rv[sel] = rv_l
         zfac = 1.0 + rv_l / C_KMS
 
-        # 4. rest frame: exact rebinning at each spectrum's velocity, arms combined by ivar
+        # 4. rest frame: exact rebinning at each spectrum's velocity, arms combined by ivar; from
+        # here on spectrum-major (the output's layout): the continuum is shifted row by row
         if np.all(zfac == 1.0):
-            flux_r, ivar_r, cont_r = flux_o, ivar_o, cont_o
+            flux_r, ivar_r = flux_o, ivar_o
+            cont_r = None if cont_o is None else np.ascontiguousarray(cont_o.T)
         else:
             del flux_o, ivar_o
             flux_r, ivar_r = self._rest_frame(pieces, zfac, nl)
-            cont_r = None if cont_o is None else L.shift_columns(cont_o, np.log10(zfac) / self.dlog)
+            cont_r = None if cont_o is None else L.shift_rows(cont_o, np.log10(zfac) / self.dlog)
             del cont_o
         del pieces
+        flux_r = np.ascontiguousarray(flux_r.T)
+        ivar_r = np.ascontiguousarray(ivar_r.T)
 
         # 5. continuum normalisation; 6. missing pixels
         if cont_r is not None:
-            feat, fivar, valid = self._normalise(flux_r, ivar_r, cont_r)
+            feat, fivar, valid = self._normalise(flux_r, ivar_r, cont_r, axis=1)
             fill = np.float32(1.0)
         else:
             feat = flux_r
-            feat *= scale.astype(np.float32)[None, :]
+            feat *= scale.astype(np.float32)[:, None]
             fivar = ivar_r
-            fivar *= inv2
+            fivar *= inv2.reshape(-1, 1)
             valid = ivar_r > 0
             fill = np.float32(0.0)
         with np.errstate(invalid="ignore"):
@@ -426,7 +430,7 @@ class RawFeaturizer:
         invalid = ~valid
         np.copyto(feat, fill, where=invalid)
         np.copyto(fivar, np.float32(0.0), where=invalid)
-        return (np.ascontiguousarray(feat.T), np.ascontiguousarray(fivar.T), np.ascontiguousarray(valid.T))
+        return feat, fivar, valid
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -607,17 +611,18 @@ class RawFeaturizer:
         return L.fit_continuum(self._cont_model, flux, ivar > 0, n_iter, self.cont_clip_lo, self.cont_clip_hi,
                                zeroed=True)  # the combination leaves flux 0 where ivar is 0
 
-    def _normalise(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray
+    def _normalise(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray, axis: int = 0
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """flux/cont and ivar*cont^2 (m, n); pixels whose continuum is below ``cont_floor`` times
-        the spectrum's mean continuum over its good pixels are not valid."""
+        """flux/cont and ivar*cont^2 (pixel-major (m, n) with ``axis=0``, spectrum-major (n, m) with
+        ``axis=1``); pixels whose continuum is below ``cont_floor`` times the spectrum's mean
+        continuum over its good pixels are not valid."""
         good = ivar > 0
-        ng = np.count_nonzero(good, axis=0)
+        ng = np.count_nonzero(good, axis=axis)
         with np.errstate(divide="ignore", invalid="ignore"):
-            cref = np.einsum("ij,ij->j", cont, good.astype(np.float32)) / ng
+            cref = np.einsum("ij,ij->j" if axis == 0 else "ij,ij->i", cont, good.astype(np.float32)) / ng
         floor = np.where(np.isfinite(cref) & (cref > 0), self.cont_floor * cref, np.inf).astype(np.float32)
         valid = good
-        valid &= cont > floor[None, :]
+        valid &= cont > (floor[None, :] if axis == 0 else floor[:, None])
         safe = np.where(valid, cont, np.float32(1.0))
         feat = flux / safe
         fivar = ivar * safe
@@ -735,13 +740,32 @@ def _finish_combination(s_fi: np.ndarray, s_i: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _masked_median(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Row medians of ``values`` over ``valid`` pixels (0 for a row without one)."""
-    s = np.sort(np.where(valid, values, np.inf), axis=1)
-    k = valid.sum(axis=1)
-    rows = np.arange(values.shape[0])
-    lo = s[rows, np.clip((k - 1) // 2, 0, None)]
-    hi = s[rows, np.clip(k // 2, 0, values.shape[1] - 1)]
-    med = np.where(k > 0, 0.5 * (lo + hi), 0.0)
+    """Row medians of ``values`` over ``valid`` pixels (0 for a row without one); ``values`` is
+    overwritten. Half of each row's invalid entries become -inf and the rest +inf, so the median of
+    the valid ones sits at the fixed positions m//2 - 1 and m//2 of every row: one partition
+    (selection, not a sort) and a minimum find it."""
+    n, m = values.shape
+    k = np.count_nonzero(valid, axis=1)
+    if n == 0 or m == 0:
+        return np.zeros(n)
+    rows = np.flatnonzero(k < m)
+    if rows.size:
+        inv = ~valid[rows]
+        rank = np.cumsum(inv, axis=1, dtype=np.int32)  # 1-based rank among the row's invalid
+        neg = ((m - k[rows]) // 2).astype(np.int32)[:, None]
+        sub = values[rows]
+        np.copyto(sub, np.where(rank <= neg, np.float32(-np.inf), np.float32(np.inf)), where=inv)
+        values[rows] = sub
+    half = m // 2
+    if half >= 1:
+        values.partition(half - 1, axis=1)
+        lo = values[:, half - 1].astype(np.float64)
+        hi = values[:, half:].min(axis=1).astype(np.float64)
+    else:
+        lo = hi = values[:, 0].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        med = np.where(k % 2 == 1, hi if m % 2 == 1 else lo, 0.5 * (lo + hi))
+    med = np.where(k > 0, med, 0.0)
     return np.where(np.isfinite(med), med, 0.0)
 
 
