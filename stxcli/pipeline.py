@@ -105,6 +105,7 @@ def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = N
     cores do not each start N threads."""
     if reader is None:
         reader = identify(path, get_registry(), format)
+    _keep_freed_memory()
     for batch in reader.read(path, chunk_size=chunk_size,
                              with_resolution=bool(getattr(featurizer, "needs_resolution", False))):
         try:
@@ -122,6 +123,32 @@ def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = N
 
 
 _blas_state: dict[str, Any] = {}
+_malloc_state: dict[str, bool] = {}
+
+
+def _keep_freed_memory() -> None:
+    """Once per process, on glibc: serve allocations below 32 MB from the heap and trim it only
+    above 256 MB free. By default glibc maps every array above its (adaptive) threshold with mmap
+    and unmaps it on free, and trims the heap top soon after, so each batch's temporaries (a few
+    MB each) are page-faulted and zeroed by the kernel again: 15-20 % of featurizing time on a
+    DESI coadd. The cost is that up to 256 MB of freed memory stays with the process. (Setting the
+    trim threshold alone would be worse: any setting freezes the adaptive mmap threshold at 128
+    kB.) Elsewhere a no-op."""
+    if _malloc_state or not sys.platform.startswith("linux"):
+        return
+    _malloc_state["done"] = True
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
 
 
 def _single_threaded_blas() -> Any:
