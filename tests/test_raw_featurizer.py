@@ -775,3 +775,12 @@ def test_spectra_without_data_skip_the_work_and_match_a_live_only_batch():
     # a batch of dead spectra only
     dead = RawFeaturizer().transform(make_batch(wave, flux[[1, 3]], ivar[[1, 3]], r=1800.0))
     assert (dead.features == 1.0).all() and (dead.quality["flags"] & F.NO_OVERLAP).all()
+
+
+def test_shift_rows_by_hand():
+    values = np.array([[0.0, 10.0], [1.0, 20.0], [2.0, 30.0], [3.0, 40.0]], np.float32)  # (m=4, n=2)
+    out = L.shift_rows(values, np.array([0.25, -1.5]))
+    # column 0 read a quarter pixel up; column 1 read 1.5 pixels down, the first pixel repeated
+    np.testing.assert_allclose(out[0], [0.25, 1.25, 2.25, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(out[1], [10.0, 10.0, 15.0, 25.0], rtol=1e-6)
+    assert out.shape == (2, 4) and out.flags.c_contiguous

@@ -520,9 +520,10 @@ def bin_sums(x: np.ndarray, nbin: int) -> np.ndarray:
 
 
 def shift_rows(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """:func:`shift_columns` returned spectrum-major: ``out[c, j] = values[j + shift[c], c]``
-    (``values`` (m, n) pixel-major, out (n, m)). Each output row is two contiguous slices of one
-    transposed, edge-padded copy: no per-pixel gather."""
+    """Each column of ``values`` (m, n) (pixel-major) shifted by ``shift`` (n,) pixels, returned
+    spectrum-major: ``out[c, j] = values[j + shift[c], c]`` by linear interpolation, the first/last
+    pixel repeated beyond the ends. Each output row is two contiguous slices of one transposed,
+    edge-padded copy: no per-pixel gather."""
     from numpy.lib.stride_tricks import sliding_window_view
 
     m, n = values.shape
@@ -543,28 +544,6 @@ def shift_rows(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
     out *= frac
     out += lo
     return out
-
-
-def shift_columns(values: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """``out[j, c] = values[j + shift[c], c]`` by linear interpolation, the first/last row
-    repeated beyond the ends (``values`` (m, n), ``shift`` (n,) in pixels)."""
-    m, n = values.shape
-    shift = np.asarray(shift, dtype=np.float64)
-    k = np.floor(shift)
-    t = (shift - k).astype(np.float32)[None, :]
-    k = k.astype(np.int64)
-    pad = int(max(np.abs(k).max(), 0)) + 2
-    padded = np.concatenate([np.repeat(values[:1], pad, axis=0), values,
-                             np.repeat(values[-1:], pad, axis=0)])
-    idx = (np.arange(m, dtype=np.int64)[:, None] + (k + pad)[None, :]) * n + np.arange(n)[None, :]
-    flat = padded.ravel()
-    lo = np.take(flat, idx)
-    idx += n
-    hi = np.take(flat, idx)
-    hi -= lo
-    hi *= t
-    hi += lo
-    return hi
 
 
 # ------------------------------------------------------------------------------------ RV (CCF)
