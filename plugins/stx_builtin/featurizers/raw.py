@@ -565,8 +565,8 @@ class RawFeaturizer:
             o, o2, covered = mats
             num, vnum = o @ pc.a, o2 @ pc.v
             den = covered if pc.b is None else o @ pc.b
-            width = np.diff(self._edges[j0: j1 + 1]).astype(np.float32)[:, None]
-            self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, width)
+            thr = (self.min_coverage * np.diff(self._edges[j0: j1 + 1])).astype(np.float32)[:, None]
+            self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, thr)
         return _finish_combination(s_fi, s_i)
 
     def _rest_frame(self, pieces: list[_Piece], zfac: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -583,19 +583,21 @@ class RawFeaturizer:
             edges = self._edges[j0: j1 + 1]
             p = L.edge_positions(pc.grid, edges, zf)
             num, den, vnum = L.resample_sums(pc.a, pc.b, pc.v, p, pc.grid.npix, pc.grid)
-            width = (np.diff(edges)[:, None] * zf[None, :]).astype(np.float32)
-            self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, width)
+            thr = np.multiply((self.min_coverage * np.diff(edges)).astype(np.float32)[:, None],
+                              zf.astype(np.float32)[None, :])  # min_coverage x the bins' observed width
+            self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, thr)
         return _finish_combination(s_fi, s_i)
 
     def _accumulate(self, s_fi: np.ndarray, s_i: np.ndarray, cols: np.ndarray | None, j0: int, j1: int,
-                    num: np.ndarray, den: np.ndarray, vnum: np.ndarray, width: np.ndarray) -> None:
-        """Add one arm's rebinned sums as ``ivar * flux`` and ``ivar`` (bins whose good coverage is
-        below ``min_coverage`` of their width are left out). ``num`` is overwritten."""
+                    num: np.ndarray, den: np.ndarray, vnum: np.ndarray, thr: np.ndarray) -> None:
+        """Add one arm's rebinned sums as ``ivar * flux`` and ``ivar``, leaving out bins whose good
+        coverage ``den`` is below ``thr`` (``min_coverage`` times their width). ``num`` and
+        ``vnum`` are overwritten."""
         ok = vnum > 0
-        ok &= den >= np.float32(self.min_coverage) * width
-        iv = np.zeros(vnum.shape, np.float32)
+        ok &= den >= thr
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            np.divide(np.broadcast_to(den, vnum.shape), vnum, out=iv, where=ok)
+            iv = np.divide(np.broadcast_to(den, vnum.shape), vnum, out=vnum, where=ok)  # den / vnum
+            np.copyto(iv, np.float32(0.0), where=~ok)
             fi = np.multiply(iv, num, out=num)  # ivar * flux = (den^2/vnum) * (num/den)
             iv *= den
         if cols is None:
@@ -730,13 +732,17 @@ def _int(name: str, value: Any, lo: int) -> int:
 
 
 def _finish_combination(s_fi: np.ndarray, s_i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse-variance mean ``sum(ivar*flux)/sum(ivar)`` and ``sum(ivar)``; 0/0 where none."""
-    ok = s_i > 0
-    ok &= np.isfinite(s_i)
-    ok &= np.isfinite(s_fi)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        flux = np.where(ok, s_fi / np.where(ok, s_i, np.float32(1.0)), np.float32(0.0))
-    return flux.astype(np.float32, copy=False), np.where(ok, s_i, np.float32(0.0))
+    """Inverse-variance mean ``sum(ivar*flux)/sum(ivar)`` and ``sum(ivar)``, in place; 0/0 where
+    there is none or a sum is not finite."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        ok = s_i > 0
+        ok &= s_i < np.inf
+        flux = np.divide(s_fi, s_i, out=s_fi, where=ok)
+        ok &= np.isfinite(flux)
+    bad = ~ok
+    np.copyto(flux, np.float32(0.0), where=bad)
+    np.copyto(s_i, np.float32(0.0), where=bad)
+    return flux, s_i
 
 
 def _masked_median(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
