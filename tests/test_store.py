@@ -132,3 +132,73 @@ def test_read_into_reuses_one_buffer_and_utf8_strings(tmp_path):
         raw = st.read(0, st.n, fields=("ids",), utf8=True)["ids"]
         assert raw.dtype.kind == "S" and raw[3].decode("utf-8") == "Ondřej-β"
         assert list(st.read(0, st.n, fields=("ids",))["ids"]) == ids
+
+
+def _batches(seed=0):
+    """Batches of 1-5 rows; one lacks a quality column, one has an extra meta column and a band."""
+    from stxcli.protocols import FeatureBatch
+    from stxcli.spectra import SpectrumMeta
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, n in enumerate([1, 3, 1, 5, 2, 1, 4]):
+        m = SpectrumMeta.empty(n, "lamost", f"file{i}.fits", 0)
+        m.ra = rng.uniform(0, 360, n)
+        if i == 3:
+            m.extra["obsid"] = np.arange(n, dtype=np.int64) + 100
+            m.snr["g"] = np.full(n, 25.0, np.float32)
+        q = {"snr": rng.uniform(5, 50, n).astype(np.float32), "flags": np.full(n, i, np.int32)}
+        if i != 2:
+            q["rv_kms"] = rng.normal(0, 30, n).astype(np.float32)
+        out.append(FeatureBatch(rng.normal(size=(n, 4)).astype(np.float32),
+                                rng.uniform(1, 2, (n, 4)).astype(np.float32), q, m))
+    return out
+
+
+def _dump(path):
+    with h5py.File(path) as h:
+        out = {}
+        h.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset) else None)
+        return out
+
+
+def test_buffered_writer_equals_row_by_row_writes(tmp_path):
+    """Rows buffered and written in blocks give the same datasets as one write per batch,
+    including columns some batches lack (filled as a per-batch write would fill them)."""
+    from stxcli.store import StoreWriter
+
+    stores = {}
+    for label, rows in (("each", 1), ("block", 6), ("all", 10_000)):
+        p = tmp_path / f"{label}.h5"
+        w = StoreWriter(p, featurizer_name="raw", featurizer_version="1", featurizer_config={}, dim=4,
+                        buffer_rows=rows)
+        ranges = [w.append(fb) for fb in _batches()]
+        assert ranges[0] == (0, 1) and ranges[-1] == (13, 17) and w.n == 17
+        stores[label] = (w.finish(), _dump(p))
+    (c1, d1), (c2, d2), (c3, d3) = stores.values()
+    assert c1 == c2 == c3
+    assert d1.keys() == d2.keys() == d3.keys()
+    for k in d1:
+        for other in (d2, d3):
+            a, b = d1[k], other[k]
+            if a.dtype.kind == "f":
+                np.testing.assert_array_equal(a, b, err_msg=k)
+            else:
+                assert list(a) == list(b), k
+    assert np.isnan(d1["quality/rv_kms"][4]) and np.isfinite(d1["quality/rv_kms"][5])  # batch 2 lacks it
+    assert list(d1["meta/obsid"][:5]) == [-1] * 5 and list(d1["meta/obsid"][5:10]) == [100, 101, 102, 103, 104]
+
+
+def test_buffered_rows_are_visible_through_f_and_dropped_on_close(tmp_path):
+    from stxcli.store import StoreWriter
+
+    w = StoreWriter(tmp_path / "a.h5", featurizer_name="raw", featurizer_version="1", featurizer_config={},
+                    dim=4, buffer_rows=1000)
+    for fb in _batches()[:2]:
+        w.append(fb)
+    assert w.n == 4 and w._f["features"].shape[0] == 0  # still buffered
+    assert w.f["ids"].shape[0] == 4  # reaching the file writes them first
+    w.append(_batches()[3])
+    w.close()  # an aborted run: the buffered batch is not written
+    with h5py.File(tmp_path / "a.h5") as h:
+        assert h["features"].shape[0] == 4
