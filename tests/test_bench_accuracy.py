@@ -92,3 +92,13 @@ def test_committed_results_have_the_written_form(path: Path) -> None:
         assert doc["checks"]["n_target_for_check"] in doc["sizes"]["n_finetune"]
     else:
         assert set(doc["sim_to_real_source"]["metrics"]) >= set(_acc.LABELS)
+
+
+def test_results_page_is_rendered_from_the_committed_jsons() -> None:
+    """docs/results.md's tables are what benchmarks/render_results.py makes of the committed
+    result JSONs: a JSON rerun without re-rendering the page fails here."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(BENCH / "render_results.py"), "--check"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
