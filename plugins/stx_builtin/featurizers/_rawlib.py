@@ -414,13 +414,24 @@ class ContinuumModel:
     penalty: np.ndarray  # (nb, nb) float64
     nb: int = field(init=False)
     pen_band: np.ndarray = field(init=False)  # (4, nb): penalty[j + d, j] (lower band storage)
+    # sparse copies (each basis function spans 4 knot intervals: ~85 % of the dense entries are 0)
+    prod_sp: Any = field(init=False)  # csr of prod_t
+    bin_sp: Any = field(init=False)  # csr of basis_bin_t (nb, mb)
+    bin_t_sp: Any = field(init=False)  # csr of basis_bin_t.T (mb, nb)
+    basis_sp: Any = field(init=False)  # csr of basis (m, nb)
 
     def __post_init__(self) -> None:
+        import scipy.sparse as sp
+
         self.nb = int(self.basis.shape[1])
         band = np.zeros((4, self.nb))
         for d in range(4):
             band[d, : self.nb - d] = np.diagonal(self.penalty, -d)
         self.pen_band = band
+        self.prod_sp = sp.csr_matrix(self.prod_t)
+        self.bin_sp = sp.csr_matrix(self.basis_bin_t)
+        self.bin_t_sp = sp.csr_matrix(np.ascontiguousarray(self.basis_bin_t.T))
+        self.basis_sp = sp.csr_matrix(self.basis)
 
 
 def build_continuum_model(log_wave: np.ndarray, knot_dlog: float, nbin: int = 1,
@@ -481,8 +492,8 @@ def fit_continuum(model: ContinuumModel, flux: np.ndarray, good: np.ndarray, n_i
     ab = np.empty((4, n, nb))
     coef_t = np.zeros((nb, n))
     for it in range(max(1, n_iter)):
-        gram_t = model.prod_t @ w  # (npairs, n): the band of B^T diag(w) B
-        rhs_t = model.basis_bin_t @ (w * fb)  # (nb, n)
+        gram_t = model.prod_sp @ w  # (npairs, n): the band of B^T diag(w) B
+        rhs_t = model.bin_sp @ (w * fb)  # (nb, n)
         ab[:] = model.pen_band[:, None, :]
         ab[d_of_pair, :, model.pairs_k] += gram_t  # each (d, k) once
         x = solveh_banded(ab.reshape(4, n * nb), np.ascontiguousarray(rhs_t.T, dtype=np.float64).ravel(),
@@ -490,7 +501,7 @@ def fit_continuum(model: ContinuumModel, flux: np.ndarray, good: np.ndarray, n_i
         coef_t = np.ascontiguousarray(x.reshape(n, nb).T, dtype=np.float32)
         if it == n_iter - 1:
             break
-        cb = model.basis_bin_t.T @ coef_t
+        cb = model.bin_t_sp @ coef_t
         pos = cb > 0
         inv = np.zeros_like(cb)
         np.divide(np.float32(1.0), cb, out=inv, where=pos)
@@ -503,7 +514,7 @@ def fit_continuum(model: ContinuumModel, flux: np.ndarray, good: np.ndarray, n_i
         keep &= has
         keep &= pos
         w = gb * keep
-    return model.basis @ coef_t
+    return model.basis_sp @ coef_t
 
 
 def bin_sums(x: np.ndarray, nbin: int) -> np.ndarray:
