@@ -276,3 +276,23 @@ def test_plain_and_astropy_paths_read_the_same(tiled, tmp_path):
             np.testing.assert_array_equal(concat(a, ai, attr), concat(b, ai, attr))
     for attr in ("ids", "ra", "dec", "source_row"):
         np.testing.assert_array_equal(meta_cat(a, attr), meta_cat(b, attr))
+
+
+def test_scaled_fibermap_column_falls_back_to_astropy(shared, tmp_path):
+    """A TARGETID stored with TZERO (unsigned 64-bit) is not a plain column for the direct path:
+    the file is read through astropy, with the same result."""
+    src = shared / "desi-edr" / FILES[0]
+
+    def unsigned(h):
+        fm = h["FIBERMAP"]
+        cols = [fits.Column(name=c.name, format=c.format, array=fm.data[c.name]) if c.name != "TARGETID"
+                else fits.Column(name="TARGETID", format="K", bzero=2**63,
+                                 array=np.asarray(fm.data["TARGETID"]).astype(np.uint64))
+                for c in fm.columns]
+        h["FIBERMAP"] = fits.BinTableHDU.from_columns(cols, header=fm.header, name="FIBERMAP")
+
+    dst = _rewrite(src, tmp_path / "u.fits", unsigned)
+    (b,) = READER.read(dst)
+    (ref,) = READER.read(src)
+    np.testing.assert_array_equal(b.meta.extra["targetid"], ref.meta.extra["targetid"])
+    np.testing.assert_array_equal(b.arms[0].flux, ref.arms[0].flux)

@@ -509,5 +509,23 @@ def raw_table_columns(hdu: RawHdu, names: tuple[str, ...], path: Path, filemap: 
     return rows
 
 
+def raw_columns_plain(hdu: RawHdu, names: tuple[str, ...]) -> bool:
+    """Whether :func:`raw_table_columns` can read ``names`` of ``hdu`` (absent columns count as
+    plain: reading them is the error the caller reports)."""
+    hdr = hdu.header
+    pos = 0
+    plain: dict[str, bool] = {}
+    for j in range(1, int(hdr.get("TFIELDS", 0)) + 1):
+        m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
+        if m is None:
+            return False
+        rep = int(m.group(1)) if m.group(1) else 1
+        code = m.group(2)
+        pos += (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
+        plain[str(hdr.get(f"TTYPE{j}", "")).strip().upper()] = (
+            rep == 1 and code in _TFORM_DTYPE and f"TSCAL{j}" not in hdr and f"TZERO{j}" not in hdr)
+    return pos == int(hdr.get("NAXIS1", -1)) and all(plain.get(n, True) for n in names)
+
+
 def table_column_names(hdu: RawHdu) -> set[str]:
     return {str(hdu.header.get(f"TTYPE{j}", "")).strip().upper() for j in range(1, int(hdu.header.get("TFIELDS", 0)) + 1)}

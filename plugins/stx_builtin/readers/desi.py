@@ -53,8 +53,8 @@ from stxcli.protocols import PRIORITY_SURVEY, FileProbe
 from stxcli.spectra import Arm, SpectrumBatch, SpectrumMeta
 
 from ._fits import (SNR_STRIDE, ImageRows, RawHdu, clean_flux_ivar, file_map, is_plain_file, masked_median,
-                    median_snr, native_f32, open_fits, raw_hdu, raw_image, raw_table_columns, require_hdu,
-                    scan_headers, table_column_names, table_columns)
+                    median_snr, native_f32, open_fits, raw_columns_plain, raw_hdu, raw_image, raw_table_columns,
+                    require_hdu, scan_headers, table_column_names, table_columns)
 
 ARMS = ("b", "r", "z")
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -260,6 +260,9 @@ def _scan_plain(path: Path) -> list[RawHdu] | None:
         return None
     if any(h.compressed for h in hdus):
         return None
+    fm = [h for h in hdus if h.name == "FIBERMAP"]
+    if fm and not raw_columns_plain(fm[0], ("TARGETID", "TARGET_RA", "TARGET_DEC")):
+        return None  # scaled or unusual columns: astropy's table access
     return hdus
 
 
