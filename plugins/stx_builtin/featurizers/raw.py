@@ -5,7 +5,8 @@ Steps, each vectorised over the batch (numerics in :mod:`._rawlib`):
 1. **Clean.** Pixels that are masked, have ivar <= 0 or non-finite flux/ivar carry no
    information (NaN/inf input also sets ``BAD_INPUT``, as does a reader's
    ``meta.extra["n_bad_input"] > 0``). Each spectrum is scaled by its mean absolute good flux
-   (all arms together) so physical units of any size are safe in float32.
+   (all arms together) so physical units of any size are safe in float32. A spectrum without a
+   single usable pixel (a dead fibre) skips every further step: missing-pixel fill, ``NO_OVERLAP``.
 2. **Resolution matching** (``target_r``, default 1800, LAMOST LRS). Each arm is convolved with a
    Gaussian of per-pixel width ``sqrt(sigma_target^2 - sigma_source^2)`` (none where the source is
    already coarser), ``sigma = lambda / (2.3548 R)``, from ``arm.resolving_power`` (scalar or per
