@@ -171,9 +171,28 @@ _worker_state: dict[str, Any] = {}
 
 
 def _init_worker(name: str, config: dict[str, Any], format: str | None, chunk_size: int,
-                 rv_lookup: RvLookup | None) -> None:
+                 rv_lookup: RvLookup | None, inherited: bool = False) -> None:
+    """Build this process's featurizer, or (``inherited``: a forked worker) keep the one the parent
+    built and prepared before forking."""
+    if inherited and _worker_state.get("featurizer") is not None:
+        return
     _worker_state.update(featurizer=build_featurizer(name, config), format=format,
                          chunk_size=chunk_size, rv_lookup=rv_lookup)
+
+
+def _prepare_for_fork(first: Path, format: str | None) -> None:
+    """Do once, before forking, what every worker would otherwise do on its first file: import
+    the reader's dependencies (identifying a file imports astropy) and let the featurizer build
+    what does not depend on the input (an optional ``prepare()``: the raw featurizer's continuum
+    basis and RV templates, and its scipy imports; a featurizer that starts threads, e.g. torch,
+    must not do that here). Errors are left to the worker that meets the file."""
+    try:
+        identify(first, get_registry(), format)
+    except StxError:
+        pass
+    prepare = getattr(_worker_state["featurizer"], "prepare", None)
+    if callable(prepare):
+        prepare()
 
 
 def _run_file(path: Path, lazy: bool = False) -> FileResult:
@@ -195,9 +214,13 @@ def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: di
         return
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork") if hasattr(os, "fork") else mp.get_context("spawn")
+    fork = hasattr(os, "fork")
+    ctx = mp.get_context("fork" if fork else "spawn")
+    if fork and paths:
+        _init_worker(featurizer_name, featurizer_config, format, chunk_size, rv_lookup)
+        _prepare_for_fork(Path(paths[0]), format)
     with ctx.Pool(workers, initializer=_init_worker,
-                  initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup)) as pool:
+                  initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup, fork)) as pool:
         yield from pool.imap(_run_file, list(paths), chunksize=1)
 
 

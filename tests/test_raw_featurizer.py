@@ -784,3 +784,18 @@ def test_shift_rows_by_hand():
     np.testing.assert_allclose(out[0], [0.25, 1.25, 2.25, 3.0], rtol=1e-6)
     np.testing.assert_allclose(out[1], [10.0, 10.0, 15.0, 25.0], rtol=1e-6)
     assert out.shape == (2, 4) and out.flags.c_contiguous
+
+
+def test_prepare_builds_the_input_independent_parts_and_changes_nothing():
+    wave, _ = linear_grid(3700, 9200, 1.0)
+    rng = np.random.default_rng(13)
+    batch = make_batch(wave, 1 + 0.02 * rng.standard_normal((2, wave.size)), 2500.0, r=1800.0)
+    f = RawFeaturizer()
+    f.prepare()
+    assert f._cont_model is not None and f._ccf_bank is not None
+    np.testing.assert_array_equal(f.transform(batch).features, RawFeaturizer().transform(batch).features)
+    # a grid the RV templates do not cover: prepare says nothing, the estimate still fails loudly
+    g = RawFeaturizer(wmin=8000.0, wmax=9000.0)
+    g.prepare()
+    with pytest.raises(StxError, match="does not overlap the RV templates"):
+        g.transform(make_batch(linear_grid(7900, 9100, 1.0)[0], np.ones(1201), 100.0, r=1800.0))

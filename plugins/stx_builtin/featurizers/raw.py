@@ -608,10 +608,40 @@ class RawFeaturizer:
             s_fi[j0:j1, cols] += fi
             s_i[j0:j1, cols] += iv
 
-    def _continuum(self, flux: np.ndarray, ivar: np.ndarray, n_iter: int) -> np.ndarray:
+    def prepare(self) -> None:
+        """Build what does not depend on the input (the continuum basis, the RV templates and their
+        shifted bank) and do the transform's imports, so that worker processes forked after this
+        call inherit them instead of each building them on its first file. Templates that do not
+        overlap the grid are an error only when a velocity has to be estimated."""
+        import importlib
+
+        for module in ("scipy.sparse", "scipy.special", "scipy.linalg"):  # the transform's lazy imports
+            importlib.import_module(module)
+        self._model()
+        if self.rv in ("auto", "estimate"):
+            try:
+                self._bank()
+            except StxError:
+                pass
+
+    def _model(self) -> L.ContinuumModel:
         if self._cont_model is None:
             self._cont_model = L.build_continuum_model(np.log10(self._wave), self.cont_knot_dlog, self.cont_bin)
-        return L.fit_continuum(self._cont_model, flux, ivar > 0, n_iter, self.cont_clip_lo, self.cont_clip_hi,
+        return self._cont_model
+
+    def _bank(self) -> L.CcfBank:
+        """The RV templates shifted by every lag (telluric bands left out), built once."""
+        if self._ccf_bank is None:
+            tell = np.zeros(self.dim, bool)
+            for lo, hi in L.TELLURIC_BANDS:
+                tell |= (self._wave >= lo) & (self._wave <= hi)
+            max_lag = int(math.ceil(math.log10(1.0 + self.rv_max_kms / C_KMS) / self.dlog)) + 1
+            self._ccf_bank = L.ccf_bank(self._templates(), max_lag, off=tell)
+            self._tell = tell
+        return self._ccf_bank
+
+    def _continuum(self, flux: np.ndarray, ivar: np.ndarray, n_iter: int) -> np.ndarray:
+        return L.fit_continuum(self._model(), flux, ivar > 0, n_iter, self.cont_clip_lo, self.cont_clip_hi,
                                zeroed=True)  # the combination leaves flux 0 where ivar is 0
 
     def _normalise(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray, axis: int = 0
@@ -663,18 +693,12 @@ class RawFeaturizer:
         if cont is None:  # continuum="none": a continuum for the cross-correlation only
             cont = self._continuum(flux, ivar, _RV_CONT_ITER)
         feat, _, valid = self._normalise(flux, ivar, cont)
-        if self._ccf_bank is None:
-            tell = np.zeros(self.dim, bool)
-            for lo, hi in L.TELLURIC_BANDS:
-                tell |= (self._wave >= lo) & (self._wave <= hi)
-            max_lag = int(math.ceil(math.log10(1.0 + self.rv_max_kms / C_KMS) / self.dlog)) + 1
-            self._ccf_bank = L.ccf_bank(self._templates(), max_lag, off=tell)
-            self._tell = tell
+        bank = self._bank()
         valid &= ~self._tell[:, None]
         x = np.subtract(np.float32(1.0), feat, out=feat)
         np.clip(x, np.float32(-1.0), np.float32(1.0), out=x)
         x *= valid
-        v, peak, edge = L.ccf_velocity(x, valid, self._ccf_bank, self.dlog)
+        v, peak, edge = L.ccf_velocity(x, valid, bank, self.dlog)
         failed = ~(peak > 0)  # nothing on the grid to correlate, or no positive CCF peak
         weak = ~failed & ((peak < 0.2) | edge)
         extra = []
