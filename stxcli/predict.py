@@ -49,6 +49,8 @@ class Chunk:
     columns: dict[str, np.ndarray]  # id, survey, source_file, source_row, ra, dec, targetid, ...
     snr: np.ndarray
     flags: np.ndarray
+    #: the features' ivar: a model whose encoder reads raw spectra masks ivar-0 pixels
+    ivar: np.ndarray | None = None
 
 
 def _col(d: dict[str, np.ndarray], key: str, n: int, fill: Any, dtype: Any) -> np.ndarray:
@@ -92,14 +94,16 @@ def store_chunks(path: Path, model: Any, chunk_rows: int) -> Iterator[Chunk]:
         st: FeatureStore = src.store
         # one feature buffer for the whole store: each chunk is consumed before the next is read
         buf = np.empty((min(chunk_rows, max(st.n, 1)), st.dim), dtype=np.float32)
+        ibuf = np.empty_like(buf) if getattr(model, "needs_ivar", False) else None
         for s in range(0, st.n, chunk_rows):
             e = min(s + chunk_rows, st.n)
             x = st.read_into("features", s, e, buf)
+            iv = None if ibuf is None else st.read_into("ivar", s, e, ibuf)
             d = st.read(s, e, fields=("ids", "quality", "meta"), utf8=True)  # the FITS table wants bytes
             n = len(d["ids"])
             q = d["quality"]
             yield Chunk(x, _columns_from(d["ids"], d["meta"], n),
-                        _col(q, "snr", n, np.nan, np.float32), _col(q, "flags", n, 0, np.int32))
+                        _col(q, "snr", n, np.nan, np.float32), _col(q, "flags", n, 0, np.int32), iv)
     finally:
         src.close()
 
@@ -109,6 +113,7 @@ def model_featurizer(model: Any) -> Any:
     from .pipeline import build_featurizer
     from .registry import get_registry
     from .store import featurizer_key
+    from .train import featurizer_identity
 
     f = model.featurizer
     if f["name"] not in get_registry().items["featurizer"]:
@@ -117,7 +122,9 @@ def model_featurizer(model: Any) -> Any:
                              f"installed (installed: {known})")
     feat = build_featurizer(f["name"], f["config"])
     key = featurizer_key(feat.name, feat.version, feat.config())
-    if key != f["key"]:
+    # compared by identity: a featurizer config may also say where a file lies (the encoder's path)
+    if featurizer_identity({"name": feat.name, "version": feat.version, "config": feat.config(), "key": key}) \
+            != featurizer_identity(f):
         now = feat.config()
         diff = sorted(k for k in set(now) | set(f["config"]) if now.get(k) != f["config"].get(k))
         what = f"config differs in: {', '.join(diff)}" if diff else f"version {f['version']} -> {feat.version}"
@@ -137,7 +144,7 @@ def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: i
                     "ra": m.ra, "dec": m.dec, **m.extra}
             q = fb.quality
             yield Chunk(fb.features, _columns_from(m.ids, meta, n), _col(q, "snr", n, np.nan, np.float32),
-                        _col(q, "flags", n, 0, np.int32))
+                        _col(q, "flags", n, 0, np.int32), fb.ivar)
 
 
 # ----------------------------------------------------------------------------- the predictions
@@ -145,7 +152,10 @@ def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: i
 
 def predict_chunk(model: Any, ch: Chunk, device: str) -> dict[str, np.ndarray]:
     """Prediction columns for one chunk: L, L_err per label, snr, flags."""
-    p = model.predict(ch.features, device=device)
+    if getattr(model, "needs_ivar", False):  # an encoder in front reads raw spectra and their ivar
+        p = model.predict(ch.features, device=device, ivar=ch.ivar)
+    else:
+        p = model.predict(ch.features, device=device)
     flags = ch.flags.astype(np.int32).copy()
     flags[p["out_of_domain"]] |= F.OUT_OF_DOMAIN
     out: dict[str, np.ndarray] = {}
@@ -512,7 +522,7 @@ def _predict_catalog(model: Any, catalog: Path, output: Path, *, format: str | N
                 ci = np.array([h[0] for h in hit])
                 fj = np.array([h[1] for h in hit])
                 ch = Chunk(fb.features[fj], {}, _col(fb.quality, "snr", k, np.nan, np.float32)[fj],
-                           _col(fb.quality, "flags", k, 0, np.int32)[fj])
+                           _col(fb.quality, "flags", k, 0, np.int32)[fj], fb.ivar[fj])
                 pred = predict_chunk(model, ch, device)
                 for c, v in pred.items():
                     out[c][ci] = v
