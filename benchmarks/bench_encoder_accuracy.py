@@ -1,8 +1,17 @@
 """Raw-spectrum MLPs versus encoder-embedding MLPs, zero-shot and fine-tuned, split at [Fe/H] = -1.
 
     python benchmarks/bench_encoder_accuracy.py [--work DIR] [--encoder DIR] [--encoder-epochs 10]
-        [--n-finetune 150] [--adapter residual] [--quick]
+        [--n-finetune 150] [--adapter residual] [--quick] [--encoder-adapters]
         [--target-files LIST --target-labels CSV --target-id-column COL --target-match-by id|file]
+    python benchmarks/bench_encoder_accuracy.py --demo-workdir stx-demo [--threads 1]
+
+``--encoder-adapters`` adds, for the embedding model, the adapters that reach into the encoder
+(``stx finetune --set target=...`` on the RAW fine-tuning store, docs/models.md): LoRA on the
+head only (the default), LoRA on the encoder (head frozen), LoRA on encoder + head, and full
+fine-tuning of encoder + head. ``--demo-workdir DIR`` runs just that comparison on the example
+data of a finished ``stx demo`` (full or ``--quick``) workdir: its LAMOST-like pretrained embedding
+model, its DESI-like fine-tuning and test stores (raw and transformer) and the test truth; results
+in benchmarks/results/encoder_adapters.json.
 
 The paper's comparison (issue 5), run entirely through the stx CLI, on real data by default:
 
@@ -111,6 +120,77 @@ def _pick(m: dict | None) -> dict:
     return {k: m.get(k) for k in ("n", "mae", "bias", "scatter")}
 
 
+#: (name, adapter, --set options, fine-tuning store kind): head-only LoRA vs the encoder adapters
+ENCODER_STRATEGIES = (
+    ("lora (head)", "lora", [], "emb"),
+    ("lora (encoder)", "lora", ["target=encoder"], "raw"),
+    ("lora (encoder+head)", "lora", ["target=encoder+head"], "raw"),
+    ("full (encoder+head)", "full", ["target=encoder+head"], "raw"),
+)
+
+
+def encoder_adapters(w: Path, base: Path, stores: dict[str, dict[str, Path]], truth: Path, seed: int,
+                     extra: list[str], tag: str = "") -> dict:
+    """Zero-shot and every ENCODER_STRATEGIES run of the embedding model ``base``: fine-tune on
+    ``stores[kind]["ft"]``, predict ``stores[kind]["test"]``, evaluate against ``truth``."""
+    out: dict = {}
+    stx("predict", base, stores["emb"]["test"], "-o", w / f"zs_enc{tag}.fits", *extra, "--json",
+        key=f"predict_zs_enc{tag}")
+    zs = stx("evaluate", w / f"zs_enc{tag}.fits", truth, "-o", w / f"zs_enc{tag}_report", "--no-plots", "--json",
+             key=f"evaluate_zs_enc{tag}")
+    out["zero-shot"] = {"n_target_stars": 0, "trainable_params": 0, "train_time_s": 0.0, **metrics(zs)}
+    runs = []
+    for name, adapter, sets, kind in ENCODER_STRATEGIES:  # every fine-tuning first, then predictions
+        slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "-")
+        model = w / f"encft{tag}_{slug}"
+        t0 = time.perf_counter()
+        ft = stx("finetune", base, stores[kind]["ft"], "--adapter", adapter, *[a for v in sets for a in ("--set", v)],
+                 "-o", model, "--seed", seed, *extra, "--json", key=f"finetune_enc{tag}_{slug}")
+        runs.append((name, adapter, sets, kind, slug, model, ft, time.perf_counter() - t0))
+    for name, adapter, sets, kind, slug, model, ft, t_ft in runs:
+        stx("predict", model, stores[kind]["test"], "-o", w / f"{model.name}.fits", *extra, "--json",
+            key=f"predict_enc{tag}_{slug}")
+        rep = stx("evaluate", w / f"{model.name}.fits", truth, "-o", w / f"{model.name}_report", "--no-plots",
+                  "--json", key=f"evaluate_enc{tag}_{slug}")
+        out[name] = {"adapter": adapter, "settings": sets, "input": kind,
+                     "n_target_stars": ft.get("n_target_stars"), "trainable_params": ft.get("trainable_params"),
+                     "epochs_run": ft.get("epochs_run"), "best_epoch": ft.get("best_epoch"),
+                     "train_time_s": ft.get("train_time_s", round(t_ft, 1)), **metrics(rep)}
+    return out
+
+
+def demo_main(args: argparse.Namespace) -> None:
+    """``--demo-workdir``: the encoder-adapter comparison on a finished stx demo workdir."""
+    d = args.demo_workdir
+    f = d / "features"
+    need = [d / "models" / "base-transformer", d / "data" / "desi" / "test" / "truth.fits",
+            *(f / f"desi_{s}-{k}.h5" for s in ("finetune", "test") for k in ("raw", "transformer"))]
+    missing = [str(p) for p in need if not p.exists()]
+    if missing:
+        raise SystemExit(f"not a finished stx demo workdir (missing {', '.join(missing)}); run `stx demo -w {d}`")
+    w = args.work
+    w.mkdir(parents=True, exist_ok=True)
+    global CACHE
+    CACHE = w
+    t0 = time.perf_counter()
+    stores = {"raw": {"ft": f / "desi_finetune-raw.h5", "test": f / "desi_test-raw.h5"},
+              "emb": {"ft": f / "desi_finetune-transformer.h5", "test": f / "desi_test-transformer.h5"}}
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    res = encoder_adapters(w, d / "models" / "base-transformer", stores, d / "data" / "desi" / "test" / "truth.fits",
+                           args.seed, extra)
+    info = stx("encoder", "info", d / "encoder", "--json")
+    demo = json.loads((d / "demo.json").read_text()) if (d / "demo.json").exists() else {}
+    write("encoder_adapters", {
+        "command": "python benchmarks/bench_encoder_accuracy.py " + " ".join(sys.argv[1:]),
+        "data": f"stx demo{' --quick' if demo.get('quick') else ''} example data: simulated LAMOST-like "
+                "pre-training stars, DESI-like fine-tuning and test stars",
+        "demo_workdir": str(d), "threads": args.threads, "seed": args.seed,
+        "encoder": {"sha256": info.get("encoder_sha256"), "architecture": info.get("architecture"),
+                    "n_params": info.get("n_params")},
+        "results": res, "seconds": round(time.perf_counter() - t0, 1),
+    })
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("bench-encoder-accuracy"))
@@ -124,7 +204,15 @@ def main() -> None:
     ap.add_argument("--target-labels", type=Path)
     ap.add_argument("--target-id-column", default="file")
     ap.add_argument("--target-match-by", default="file")
+    ap.add_argument("--encoder-adapters", action="store_true",
+                    help="also fine-tune the embedding model's encoder (LoRA head / encoder / both, full)")
+    ap.add_argument("--demo-workdir", type=Path, help="only the encoder-adapter comparison, on a stx demo workdir")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of each stx command")
     args = ap.parse_args()
+    if args.demo_workdir is not None:
+        if args.work == Path("bench-encoder-accuracy"):
+            args.work = Path("bench-encoder-adapters")
+        return demo_main(args)
     global CACHE
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -175,6 +263,10 @@ def main() -> None:
                          "finetuned": {"adapter": args.adapter,
                                        "n_target_stars": ft.get("n_target_stars", ft.get("n_train")),
                                        "trainable_params": ft.get("trainable_params"), **metrics(fr)}}
+
+    if args.encoder_adapters:
+        stores = {k: {"ft": w / f"ft_{k}.h5", "test": w / f"test_{k}.h5"} for k in ("raw", "emb")}
+        results["emb"]["encoder_adapters"] = encoder_adapters(w, w / "base_emb", stores, truth, args.seed, [])
 
     write("encoder_accuracy", {
         "command": "python benchmarks/bench_encoder_accuracy.py " + " ".join(sys.argv[1:]),
