@@ -425,6 +425,7 @@ def front_featurizer(entry: dict[str, Any], where: Any) -> Any:
     a one-line error when it is not installed or cannot."""
     from .pipeline import build_featurizer
     from .registry import get_registry
+    from .store import featurizer_key
     from .train import featurizer_identity
 
     name = entry["name"]
@@ -437,8 +438,6 @@ def front_featurizer(entry: dict[str, Any], where: Any) -> Any:
         raise UsageError(f"{where}: was trained on {name!r} features, which have no encoder in front to "
                          f"fine-tune; use the adapter's head-only default (target=head)")
     now = {"name": feat.name, "version": str(feat.version), "config": feat.config()}
-    from .store import featurizer_key
-
     now["key"] = featurizer_key(now["name"], now["version"], now["config"])
     if featurizer_identity(now) != featurizer_identity(entry):
         raise ModelFileError(f"{where}: the installed featurizer {name} {feat.version} does not reproduce the "
@@ -494,7 +493,7 @@ class LoadedModel:
     def _embed(self, x: np.ndarray, ivar: np.ndarray | None, device: str) -> np.ndarray:
         if ivar is None:
             raise StxError(f"{self.mdir.path}: this model's input is raw spectra run through its encoder; "
-                             "predicting needs the features' ivar too")
+                           "predicting needs the features' ivar too")
         assert self.front is not None
         x = np.ascontiguousarray(x, dtype=np.float32)
         ivar = np.ascontiguousarray(ivar, dtype=np.float32)

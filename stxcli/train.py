@@ -595,7 +595,8 @@ def predict_rows(net: Any, batches: Batches, device: str, batch_size: int | None
                 xt = torch.from_numpy(np.ascontiguousarray(x[s:s + step])).to(device)
                 ivt = torch.from_numpy(np.ascontiguousarray(iv[s:s + step])).to(device) if front else None
                 parts.append(net.forward_rows(xt, ivt))
-            mu, lv = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1))
+            mu, lv = parts[0] if len(parts) == 1 else (torch.cat([p[0] for p in parts], 1),
+                                                       torch.cat([p[1] for p in parts], 1))
             m, v = combine_members(mu, lv)
             yt = torch.from_numpy(y).to(device)
             wt = torch.from_numpy(w).to(device)
