@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -177,8 +178,9 @@ def rows_memory(d: dict[str, Any]) -> list[Row]:
     lo, hi = runs[0], runs[-1]
     label = {"featurize": "stx featurize", "predict_store": "stx predict from the store",
              "predict_files": "stx predict from the coadd files"}
+    per_file = f", files of {_num(d['rows_per_file'])}" if d.get("rows_per_file") else ""
     for cmd, f in (d.get("flat") or {}).items():
-        rows.append(Row(f"peak memory, {label.get(cmd, cmd)}", f"{hi[cmd]['peak_mb']:.0f} MB at {_num(hi['n_spectra'])} spectra",
+        rows.append(Row(f"peak memory, {label.get(cmd, cmd)}{per_file if cmd != 'predict_store' else ''}", f"{hi[cmd]['peak_mb']:.0f} MB at {_num(hi['n_spectra'])} spectra",
                         f"{lo[cmd]['peak_mb']:.0f} MB at {_num(lo['n_spectra'])}",
                         f"{f['ratio_largest_over_smallest']:.2f}x", f"< {f['target_max_ratio']}x (flat)",
                         f["ratio_largest_over_smallest"] < f["target_max_ratio"]))
@@ -339,16 +341,67 @@ def figure_rows(stem: str, data: dict[str, Any]) -> list[Row]:
         return [Row("(figures not extracted)", f"{type(exc).__name__}: {exc}")]
 
 
-def _met(v: bool | None) -> str:
-    return "" if v is None else ("yes" if v else "**no**")
+def _met(v: bool | None, load: float | None = None) -> str:
+    out = "" if v is None else ("yes" if v else "**no**")
+    return f"{out} (load {load:.1f})" if out and load else out
 
 
-def table(rows: list[Row]) -> list[str]:
+NO_TIMINGS = ("accuracy", "real", "encoder_accuracy")
+
+
+def _loads(d: Any, key: str = "") -> list[float]:
+    if isinstance(d, dict):
+        return [v for k, x in d.items() for v in _loads(x, k)]
+    if isinstance(d, list):
+        return [v for x in d for v in _loads(x, key)]
+    if "load" in key.lower() and isinstance(d, (int, float)) and not isinstance(d, bool) and d == d:
+        return [float(d)]
+    return []
+
+
+def overload(stem: str, data: dict[str, Any]) -> float | None:
+    """The highest load average the run recorded, when it exceeded the machine's cores (other jobs
+    shared the CPU, so its timings are unreliable); else None."""
+    if base_name(stem) in NO_TIMINGS:
+        return None
+    loads, cores = _loads(data), _get(data, "machine", "cores")
+    if loads and cores and max(loads) > cores:
+        return max(loads)
+    return None
+
+
+def timing_row(r: Row) -> bool:
+    return "peak memory" not in r.figure and not r.figure.startswith("holding")
+
+
+def table(rows: list[Row], load: float | None = None) -> list[str]:
     out = ["| figure | measured | baseline | ratio | target | met? |", "|---|---|---|---|---|---|"]
     for r in rows:
-        cells = [r.figure, r.measured, r.baseline, r.ratio, r.target, _met(r.met)]
+        cells = [r.figure, r.measured, r.baseline, r.ratio, r.target, _met(r.met, load if timing_row(r) else None)]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return out
+
+
+def _key(figure: str) -> str:
+    """A figure's name without its sizes (a quick and a full run name the same figure alike)."""
+    return re.sub(r"\d[\d,.]*", "#", figure).split(" (")[0]
+
+
+def glance(loaded: dict[str, dict[str, Any]]) -> list[tuple[str, Row, float | None]]:
+    """Rows with a target: the full run's, plus the quick run's figures that the full run lacks."""
+    out = []
+    for stem, d in loaded.items():
+        if stem.startswith("run"):
+            continue
+        rows = [r for r in figure_rows(stem, d) if r.target]
+        if stem.endswith("-quick") and base_name(stem) in loaded:
+            have = {_key(r.figure) for r in figure_rows(base_name(stem), loaded[base_name(stem)])}
+            rows = [r for r in rows if _key(r.figure) not in have]
+        load = overload(stem, d)
+        out += [(stem, r, load if timing_row(r) else None) for r in rows]
+    return out
+
+
 
 
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -428,10 +481,12 @@ def plot_memory(data: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     width = 0.8 / len(runs)
     for i, r in enumerate(runs):
-        xs = np.arange(len(cmds) + 1) + (i - (len(runs) - 1) / 2) * width
-        vals = [r[c]["peak_mb"] for c, _ in cmds] + [r["data_mb"]["features_and_ivar_float32"]]
+        xs = np.arange(len(cmds) + 2) + (i - (len(runs) - 1) / 2) * width
+        vals = [r[c]["peak_mb"] for c, _ in cmds] + [r["data_mb"]["features_and_ivar_float32"],
+                                                     r["data_mb"]["coadd_files"]]
         ax.bar(xs, vals, width, label=f"{_num(r['n_spectra'])} spectra")
-    ax.set_xticks(np.arange(len(cmds) + 1), [t for _, t in cmds] + ["features + ivar\nin memory"])
+    ax.set_xticks(np.arange(len(cmds) + 2), [t for _, t in cmds] + ["features + ivar\nin memory",
+                                                                   "coadds\nin memory"])
     ax.set_yscale("log")
     ax.set_ylabel("MB (peak resident / data size)")
     ax.legend(fontsize=8)
@@ -460,15 +515,25 @@ def render(results: Path = RESULTS, doc: Path = DOC, img: Path = IMG) -> Path:
              "are pessimistic: read the ratios (benchmarks that record the load average say how busy it was).",
              "Accuracy results and what they mean: [results.md](results.md). This page is generated: edit",
              "`benchmarks/run.py`, not this file.", ""]
-    summary = [(stem, r) for stem, d in loaded.items() if not stem.startswith("run")
-               and (not stem.endswith("-quick") or base_name(stem) not in loaded)
-               for r in figure_rows(stem, d) if r.target]
+    for stem in ("run", "run-quick"):
+        r = loaded.get(stem)
+        if r:
+            n, bad = len(r.get("benchmarks") or {}), r.get("failed") or []
+            lines += [f"Last `{r.get('command', 'python benchmarks/run.py')}`: {n} benchmarks in "
+                      f"{(r.get('seconds') or 0) / 60:.0f} min on {_get(r, 'machine', 'cores')} cores "
+                      f"({_get(r, 'machine', 'date')}), "
+                      + (f"failed: {', '.join(bad)}." if bad else "none failed.")
+                      + f" See [{stem}](#{stem}).", ""]
+    summary = glance(loaded)
     if summary:
         lines += ["## Targets at a glance", "",
-                  "The figures with a target, from the full-size run where there is one (else the quick run).", "",
+                  "The figures with a target, from the full-size run where there is one, plus the quick run's",
+                  "figures that the full run lacks. \"(load X)\": the run recorded a 1-minute load average X above",
+                  "its cores, so other jobs shared the CPU and that timing (a ratio of two timings too: torch's",
+                  "threads wait on each other when the cores are oversubscribed) may be off several-fold.", "",
                   "| benchmark | figure | measured | ratio | target | met? |", "|---|---|---|---|---|---|"]
-        for stem, r in summary:
-            lines.append(f"| [{stem}](#{stem}) | {r.figure} | {r.measured} | {r.ratio} | {r.target} | {_met(r.met)} |")
+        for stem, r, load in summary:
+            lines.append(f"| [{stem}](#{stem}) | {r.figure} | {r.measured} | {r.ratio} | {r.target} | {_met(r.met, load)} |")
         lines.append("")
     for stem, data in loaded.items():
         m = data.get("machine", {})
@@ -481,9 +546,14 @@ def render(results: Path = RESULTS, doc: Path = DOC, img: Path = IMG) -> Path:
                 lines.append(f"| {name} | {rec.get('exit')} | {rec.get('seconds')} | {rec.get('error', '')} |")
             lines.append("")
             continue
+        load = overload(stem, data)
+        if load:
+            lines += [f"Other jobs shared the CPU during this run: the 1-minute load average reached {load:.1f} "
+                      f"on {_get(data, 'machine', 'cores')} cores, so its timings are lower bounds and their "
+                      f"ratios unreliable.", ""]
         rows = figure_rows(stem, data)
         if rows:
-            lines += table(rows) + [""]
+            lines += table(rows, load) + [""]
         plot = PLOTS.get(base_name(stem))
         if plot and not stem.endswith("-quick"):
             fname, fn, caption = plot
@@ -509,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default /tmp/stx-bench/quick or /tmp/stx-bench/full)")
     ap.add_argument("--timeout", type=float, help="seconds allowed per benchmark (default: none)")
     ap.add_argument("--render-only", action="store_true", help="only rewrite docs/benchmarks.md")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSONs to render "
+                    "(default benchmarks/results)")
     args = ap.parse_args(argv)
     failed: list[str] = []
     if not args.render_only:
@@ -532,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                 "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])])})
         print("== " + (f"failed: {', '.join(failed)}" if failed else f"all {len(outcome)} benchmarks ran"),
               file=sys.stderr if failed else sys.stdout)
-    render()
+    render(args.results)
     return 1 if failed else 0
 
 

@@ -123,3 +123,23 @@ def test_accuracy_rows_pick_the_best_finetuned_model():
     assert teff.figure == "teff MAE, best fine-tuned (full), 300 stars"
     assert teff.measured == "100" and "0.50x zero-shot" in teff.ratio and "1.11x ridge" in teff.ratio
     assert teff.met is False  # beats zero-shot but not ridge
+
+
+def test_glance_adds_the_quick_runs_missing_figures_and_flags_a_loaded_machine(tmp_path):
+    pre = {"stx_epoch_s": 1.2, "bare_epoch_s": 1.0, "ratio_stx_over_bare": 1.2, "target_max_ratio": 1.25}
+    full = {"benchmark": "models", "machine": {"cores": 2}, "n_train": 80000, "dim": 3500, "pretrain": pre}
+    ft = {"n_train": 1600, "trainable_params": 10, "stx_epoch_spectra_per_s": 900.0, "bare_spectra_per_s": 1000.0,
+          "ratio_stx_epoch_over_bare": 1.111, "target_max_ratio": 1.25}
+    quick = {"benchmark": "models-quick", "machine": {"cores": 2}, "n_train": 16000, "dim": 3500,
+             "pretrain": {**pre, "ratio_stx_over_bare": 2.0}, "finetune": {"lora": ft}, "load_at_end": 5.04}
+    rows = bench_run.glance({"models": full, "models-quick": quick})
+    assert [(s, r.figure.split(",")[0]) for s, r, _ in rows] == [("models", "pretrain epoch"),
+                                                                  ("models-quick", "fine-tune epoch")]
+    assert rows[0][2] is None and rows[1][2] == 5.04
+    res = tmp_path / "results"
+    res.mkdir()
+    (res / "models.json").write_text(json.dumps(full))
+    (res / "models-quick.json").write_text(json.dumps(quick))
+    text = bench_run.render(res, tmp_path / "b.md", tmp_path / "img").read_text()
+    assert "1.11x the time | <= 1.25x (pretrain's) | yes (load 5.0) |" in text
+    assert "load average reached 5.0 on 2 cores" in text.split("## models-quick")[1]
