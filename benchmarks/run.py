@@ -567,7 +567,7 @@ def render(results: Path = RESULTS, doc: Path = DOC, img: Path = IMG) -> Path:
         lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in values[:MAX_DUMP]]
         lines.append("")
     doc.write_text("\n".join(lines) + "\n")
-    print(f"wrote {doc}")
+    print(f"wrote {doc}", file=sys.stderr)
     return doc
 
 
@@ -579,10 +579,21 @@ def main(argv: list[str] | None = None) -> int:
                     "(default /tmp/stx-bench/quick or /tmp/stx-bench/full)")
     ap.add_argument("--timeout", type=float, help="seconds allowed per benchmark (default: none)")
     ap.add_argument("--render-only", action="store_true", help="only rewrite docs/benchmarks.md")
+    ap.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 when docs/benchmarks.md is "
+                    "not the rendering of the result JSONs (run --render-only to update it)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result JSONs to render "
                     "(default benchmarks/results)")
     args = ap.parse_args(argv)
     failed: list[str] = []
+    if args.check:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as td:
+            fresh = render(args.results, Path(td) / "benchmarks.md", Path(td) / "img").read_text()
+        if fresh != DOC.read_text():
+            print(f"{DOC.relative_to(REPO)} is stale: run python benchmarks/run.py --render-only", file=sys.stderr)
+            return 1
+        return 0
     if not args.render_only:
         todo = scripts()
         if args.only:

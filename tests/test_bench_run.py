@@ -143,3 +143,20 @@ def test_glance_adds_the_quick_runs_missing_figures_and_flags_a_loaded_machine(t
     text = bench_run.render(res, tmp_path / "b.md", tmp_path / "img").read_text()
     assert "1.11x the time | <= 1.25x (pretrain's) | yes (load 5.0) |" in text
     assert "load average reached 5.0 on 2 cores" in text.split("## models-quick")[1]
+
+
+def test_committed_benchmark_page_is_the_rendering_of_the_results():
+    """docs/benchmarks.md is generated: after a new result JSON, run
+    ``python benchmarks/run.py --render-only``."""
+    assert bench_run.main(["--check"]) == 0
+
+
+def test_check_fails_when_a_result_changed(tmp_path):
+    import shutil
+
+    res = tmp_path / "results"
+    shutil.copytree(bench_run.RESULTS, res)
+    data = json.loads((res / "memory.json").read_text())
+    data["flat"]["featurize"]["ratio_largest_over_smallest"] = 9.0
+    (res / "memory.json").write_text(json.dumps(data))
+    assert bench_run.main(["--check", "--results", str(res)]) == 1
