@@ -133,18 +133,52 @@ def model_featurizer(model: Any) -> Any:
     return feat
 
 
+#: spectra read from a survey file at a time when predicting from files: the raw arrays of a
+#: DESI coadd are ~0.4 MB per spectrum, so reading --chunk-size (4096) of them at once cost GBs
+READ_ROWS = 256
+
+
+def _chunk_of(batches: list[Any]) -> Chunk:
+    """One chunk from consecutive feature batches of one file."""
+    cols: dict[str, list[np.ndarray]] = {}
+    for fb in batches:
+        m, n = fb.meta, fb.features.shape[0]
+        meta = {"id": m.ids, "survey": np.full(n, m.survey), "source_file": m.source_file,
+                "source_row": m.source_row, "ra": m.ra, "dec": m.dec, **m.extra,
+                "snr": _col(fb.quality, "snr", n, np.nan, np.float32),
+                "flags": _col(fb.quality, "flags", n, 0, np.int32)}
+        for k, v in meta.items():
+            cols.setdefault(k, []).append(np.asarray(v))
+    if len(batches) == 1:
+        fb = batches[0]
+        x, iv = fb.features, fb.ivar
+        c = {k: v[0] for k, v in cols.items()}
+    else:
+        x = np.concatenate([fb.features for fb in batches])
+        iv = np.concatenate([fb.ivar for fb in batches])
+        c = {k: np.concatenate(v) for k, v in cols.items() if len(v) == len(batches)}
+    n = x.shape[0]
+    snr, flags = c.pop("snr"), c.pop("flags")
+    return Chunk(x, _columns_from(c.pop("id"), c, n), snr, flags, iv)
+
+
 def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: int) -> Iterator[Chunk]:
+    """Featurize survey files on the fly: read ``READ_ROWS`` spectra at a time (memory stays
+    that of a few hundred raw spectra whatever the file holds) and predict ``chunk_rows`` at a
+    time (within one file)."""
     from .pipeline import featurize_file
 
     for p in paths:
-        for fb in featurize_file(p, feat, format=fmt, chunk_size=chunk_rows):
-            m = fb.meta
-            n = fb.features.shape[0]
-            meta = {"survey": np.full(n, m.survey), "source_file": m.source_file, "source_row": m.source_row,
-                    "ra": m.ra, "dec": m.dec, **m.extra}
-            q = fb.quality
-            yield Chunk(fb.features, _columns_from(m.ids, meta, n), _col(q, "snr", n, np.nan, np.float32),
-                        _col(q, "flags", n, 0, np.int32), fb.ivar)
+        pending: list[Any] = []
+        rows = 0
+        for fb in featurize_file(p, feat, format=fmt, chunk_size=min(chunk_rows, READ_ROWS)):
+            pending.append(fb)
+            rows += fb.features.shape[0]
+            if rows >= chunk_rows:
+                yield _chunk_of(pending)
+                pending, rows = [], 0
+        if pending:
+            yield _chunk_of(pending)
 
 
 # ----------------------------------------------------------------------------- the predictions
