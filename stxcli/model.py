@@ -473,6 +473,9 @@ class LoadedModel:
     input_dim: int
     #: a model fine-tuned through its encoder: raw features + ivar -> embedding (eval mode)
     front: nn.Module | None = None
+    #: per label, the factor applied to the predicted 1-sigma error (the manifest's
+    #: ``error_calibration``, fitted on the validation stars; 1 for models written without it)
+    err_scale: np.ndarray | None = None
     _zbuf: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -534,10 +537,26 @@ class LoadedModel:
         for dm in self.domains:
             ood &= dm.outside(z)
         value, err = decode_labels(self.specs, mean, var)
+        if self.err_scale is not None:
+            err *= self.err_scale
         return {"value": value, "err": err, "out_of_domain": ood}
 
 
+def error_scales(manifest: dict[str, Any], specs: list[LabelSpec]) -> np.ndarray:
+    """The per-label error factors of a manifest (ones when it has no ``error_calibration``)."""
+    cal = (manifest.get("error_calibration") or {}).get("labels", {})
+    return np.array([float(cal.get(s.name, {}).get("factor", 1.0)) for s in specs], dtype=np.float64)
+
+
 def load_model(path: Any, *, merge: bool = True) -> LoadedModel:
+    """Rebuild a model (pretrained or fine-tuned) from its directory; every file verified, and
+    its errors scaled by the manifest's calibration."""
+    model = _load_model(path, merge=merge)
+    model.err_scale = error_scales(model.mdir.manifest, model.specs)
+    return model
+
+
+def _load_model(path: Any, *, merge: bool = True) -> LoadedModel:
     """Rebuild a model (pretrained or fine-tuned) from its directory; every file verified."""
     mdir = path if isinstance(path, ModelDir) else ModelDir(path)
     m = mdir.manifest

@@ -55,6 +55,7 @@ class TrainOptions:
     buffer_chunks: int = 8
     cache_mb: float = 2048.0
     min_delta: float = 1e-4
+    calibrate_errors: bool = True
 
     def resolve(self, *defaults: dict[str, Any]) -> dict[str, Any]:
         out = dict(LOOP_DEFAULTS)
@@ -625,6 +626,47 @@ def label_report(specs: list[Any], ps: PredStats) -> dict[str, Any]:
     return out
 
 
+#: the fraction of a Gaussian within +-1 sigma: the quantile of |residual| / error that calibration matches
+ONE_SIGMA = 0.6826894921370859
+#: fewer validation stars than this for a label: its errors are left as the network gives them
+MIN_CALIBRATION_STARS = 10
+
+
+def error_calibration(specs: list[Any], ps: PredStats, enabled: bool = True) -> dict[str, Any]:
+    """Per-label factors for the predicted 1-sigma errors, from the held-out (validation) stars.
+
+    A network trained with a Gaussian NLL learns its variances on the training stars, where it
+    fits better than on new ones (and early stopping, ensembles and small fine-tuning sets move
+    them further), so its error bars are rarely calibrated on new stars. The factor ``k`` of a
+    label is the 68.27th percentile of ``|residual| / error`` over the validation stars: errors
+    scaled by ``k`` hold 68.27 % of those residuals within 1 sigma, as Gaussian errors should.
+    Recorded with the validation fractions before and after; not applied (factor 1) when
+    disabled or with fewer than ``MIN_CALIBRATION_STARS`` validation stars for the label."""
+    from .model import decode_labels
+
+    value, err = decode_labels(specs, ps.mean, ps.var)
+    truth, _ = decode_labels(specs, np.nan_to_num(ps.y), np.zeros_like(ps.y))
+    truth[~np.isfinite(ps.y)] = np.nan
+    out: dict[str, Any] = {"method": "validation 68.27th percentile of |residual|/error" if enabled else "off",
+                           "min_stars": MIN_CALIBRATION_STARS, "labels": {}}
+    for j, s in enumerate(specs):
+        ok = np.isfinite(truth[:, j]) & np.isfinite(value[:, j]) & (err[:, j] > 0)
+        n = int(ok.sum())
+        entry: dict[str, Any] = {"n": n, "factor": 1.0}
+        if n:
+            z = np.abs(value[ok, j] - truth[ok, j]) / err[ok, j]
+            entry["frac_1sigma_before"] = float(np.mean(z <= 1.0))
+            if enabled and n >= MIN_CALIBRATION_STARS:
+                k = float(np.quantile(z, ONE_SIGMA))
+                if k > 0 and math.isfinite(k):
+                    entry["factor"] = k
+            entry["frac_1sigma_after"] = float(np.mean(z <= entry["factor"]))
+        if enabled and n < MIN_CALIBRATION_STARS:
+            entry["note"] = f"not calibrated: {n} validation stars (< {MIN_CALIBRATION_STARS})"
+        out["labels"][s.name] = entry
+    return out
+
+
 def _clip(params: list[Any], max_norm: float) -> None:
     """Clip the global gradient norm, touching the gradients only when it is exceeded."""
     import torch
@@ -835,10 +877,12 @@ def train_head(prep: Prepared, head_name: str, head_config: dict[str, Any], opts
         n_params = count_trainable(net)
         res = fit_gradient(net, [{"params": [p for p in net.parameters() if p.requires_grad]}],
                            prep.train, prep.val, hp, opts, device, title)
-    val = label_report(specs, predict_rows(net, prep.val, device))
+    ps = predict_rows(net, prep.val, device)
+    val = label_report(specs, ps)
     domain = fit_domain(prep.train, prep.val, opts.seed)
     return {"net": net.cpu(), "head": head, "specs": specs, "fmean": fmean, "fscale": fscale, "fit": res,
-            "hp": hp, "validation": val, "domain": domain, "trainable_params": n_params}
+            "hp": hp, "validation": val, "domain": domain, "trainable_params": n_params,
+            "calibration": error_calibration(specs, ps, opts.calibrate_errors)}
 
 
 def save_pretrained(out: Path, prep: Prepared, t: dict[str, Any], opts: TrainOptions, device: str, *,
@@ -873,6 +917,7 @@ def save_pretrained(out: Path, prep: Prepared, t: dict[str, Any], opts: TrainOpt
             **(extra or {}),
         },
         "validation": t["validation"],
+        "error_calibration": t["calibration"],
         "domain": t["domain"].info(),
     }
     net = t["net"]
@@ -899,7 +944,9 @@ def summary(manifest: dict[str, Any], out: Path, sha: str) -> dict[str, Any]:
             "labels": [l["name"] for l in manifest["labels"]] if "labels" in manifest else None,
             "n_train": tr["n_train"], "n_val": tr["n_val"], "trainable_params": tr["trainable_params"],
             "epochs_run": tr.get("epochs_run"), "best_epoch": tr.get("best_epoch"),
-            "train_time_s": tr.get("train_time_s"), "validation": _short_val(manifest["validation"])}
+            "train_time_s": tr.get("train_time_s"), "validation": _short_val(manifest["validation"]),
+            "error_factors": {k: round(v["factor"], 4) for k, v in
+                              (manifest.get("error_calibration") or {}).get("labels", {}).items()}}
 
 
 def _short_val(v: dict[str, Any]) -> dict[str, Any]:
@@ -1047,10 +1094,12 @@ def _train_adapter(adapter: Any, base_net: Any, prep: Prepared, opts: TrainOptio
     hp = opts.resolve(adapter.training_defaults())
     n_params = count_trainable(net)
     res = fit_gradient(net, groups, prep.train, prep.val, hp, opts, device, f"finetune {adapter.name}")
-    val = label_report(prep.specs, predict_rows(net, prep.val, device))
+    ps = predict_rows(net, prep.val, device)
+    val = label_report(prep.specs, ps)
     net.cpu()
     return {"adapter": adapter, "net": net, "head": head, "front": front, "fit": res, "hp": hp,
-            "validation": val, "trainable_params": n_params}
+            "validation": val, "trainable_params": n_params,
+            "calibration": error_calibration(prep.specs, ps, opts.calibrate_errors)}
 
 
 def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepared, sel: Any,
@@ -1124,6 +1173,10 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
                               "candidates": candidates})
     trainable = {c: runs[c]["trainable_params"] for c in runs}
     validation: dict[str, Any] = {"zero_shot": zero_shot}
+    # each label's errors are calibrated on the validation predictions of the adapter that predicts it
+    calibration = (runs[used[0]]["calibration"] if not selector else
+                   {**runs[used[0]]["calibration"],
+                    "labels": {lab: runs[choice[lab]]["calibration"]["labels"][lab] for lab in prep.label_names}})
     if selector:
         validation.update({f"candidate:{c}": runs[c]["validation"] for c in runs})
         validation["selected"] = _selected_report(runs, choice, prep.label_names)
@@ -1157,6 +1210,7 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
             "train_time_s": round(sum(r["fit"].train_time_s for r in runs.values()), 3),
         },
         "validation": validation,
+        "error_calibration": calibration,
         "domain": domain.info(),
     }
     if front_feat is not None:

@@ -9,7 +9,7 @@ import typer
 
 from .. import console
 from ..errors import UsageError
-from .pretrain import (BATCH, CACHE, CHUNK, DEVICE, EPOCHS, JSON, LR, NOISE, NTRAIN, PATIENCE, QUIET, SEED,
+from .pretrain import (BATCH, CACHE, CALIBRATE, CHUNK, DEVICE, EPOCHS, JSON, LR, NOISE, NTRAIN, PATIENCE, QUIET, SEED,
                        THREADS, VAL, WD, parse_settings, print_summary, train_options)
 
 
@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         weight_decay: Optional[float] = WD, patience: Optional[int] = PATIENCE, val_frac: float = VAL,
         n_train: Optional[int] = NTRAIN, seed: int = SEED, augment_noise: float = NOISE,
         device: str = DEVICE, threads: Optional[int] = THREADS, cache_mb: float = CACHE,
-        chunk_rows: int = CHUNK, json_out: bool = JSON, quiet: bool = QUIET,
+        chunk_rows: int = CHUNK, calibrate_errors: bool = CALIBRATE, json_out: bool = JSON, quiet: bool = QUIET,
     ) -> None:
         """Fine-tune a pretrained model on target stars with an adapter.
 
@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         opts = train_options(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              patience=patience, val_frac=val_frac, n_train=n_train, seed=seed,
                              augment_noise=augment_noise, device=device, threads=threads,
-                             cache_mb=cache_mb, chunk_rows=chunk_rows)
+                             cache_mb=cache_mb, chunk_rows=chunk_rows, calibrate_errors=calibrate_errors)
         summary = finetune(model, target, output, adapter=adapter or "", adapter_config=parse_settings(settings),
                            opts=opts, embed_base=embed_base, scratch=scratch, name=name)
         if json_out:

@@ -25,6 +25,7 @@ DEVICE = typer.Option("cpu", "--device", help="cpu or cuda.")
 THREADS = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice).")
 CACHE = typer.Option(2048.0, "--cache-mb", help="Hold the training rows in memory when they fit in this many MB; otherwise stream the store every epoch.")
 CHUNK = typer.Option(4096, "--chunk-rows", help="Rows per contiguous read from the store.")
+CALIBRATE = typer.Option(True, "--calibrate-errors/--no-calibrate-errors", help="Scale each label's predicted errors so that 68.27 % of the validation stars' residuals fall within 1 sigma (recorded in the manifest; see docs/models.md).")
 JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar.")
 
@@ -57,7 +58,7 @@ def train_options(**kw: Any) -> Any:
                         weight_decay=kw["weight_decay"], patience=kw["patience"], val_frac=kw["val_frac"],
                         n_train=kw["n_train"], seed=kw["seed"], augment_noise=kw["augment_noise"],
                         device=kw["device"], threads=kw["threads"], cache_mb=kw["cache_mb"],
-                        chunk_rows=kw["chunk_rows"])
+                        chunk_rows=kw["chunk_rows"], calibrate_errors=kw.get("calibrate_errors", True))
 
 
 def print_summary(title: str, summary: dict[str, Any]) -> None:
@@ -108,7 +109,7 @@ def register(app: typer.Typer) -> None:
         weight_decay: Optional[float] = WD, patience: Optional[int] = PATIENCE, val_frac: float = VAL,
         n_train: Optional[int] = NTRAIN, seed: int = SEED, augment_noise: float = NOISE,
         device: str = DEVICE, threads: Optional[int] = THREADS, cache_mb: float = CACHE,
-        chunk_rows: int = CHUNK, json_out: bool = JSON, quiet: bool = QUIET,
+        chunk_rows: int = CHUNK, calibrate_errors: bool = CALIBRATE, json_out: bool = JSON, quiet: bool = QUIET,
     ) -> None:
         """Train a head (features -> labels with uncertainties) on feature stores.
 
@@ -126,7 +127,7 @@ def register(app: typer.Typer) -> None:
         opts = train_options(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              patience=patience, val_frac=val_frac, n_train=n_train, seed=seed,
                              augment_noise=augment_noise, device=device, threads=threads,
-                             cache_mb=cache_mb, chunk_rows=chunk_rows)
+                             cache_mb=cache_mb, chunk_rows=chunk_rows, calibrate_errors=calibrate_errors)
         summary = pretrain(stores, output, head=head, head_config=parse_settings(settings),
                            labels=split_list(labels), weights=w, transforms=tr, opts=opts, name=name)
         if json_out:
