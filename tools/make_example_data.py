@@ -19,6 +19,14 @@ It writes, deterministically:
   - ``desi_bgvar_b/r/z``: the DESI background variance per pixel (sky + read noise, in
     (1e-17 erg/s/cm2/A)^2 for a 1000 s coadd) = median of ``1 / ivar`` over the live faint fibres
     of the DESI EDR coadds, scaled by ``COADD_EXPTIME / 1000``;
+  - ``strength_*``: the line-strength calibration (:mod:`stx_builtin.simulate.calibrate`): core
+    residual temperature, curve-of-growth width and per-template log-strength corrections,
+    fitted on the even-OBSID half of ``lamost-dr10-train`` (the odd half and MILES stay checks;
+    several minutes of CPU), with the SED correction measured on uncalibrated lines in force;
+  - ``sed_*``: the continuum (SED) correction, the median ratio of smoothed real MILES spectra
+    to smoothed simulated ones (with the strength calibration) per Teff node;
+    ``sed_logcorr_uncalibrated`` the same measured on uncalibrated lines (used whenever the
+    strength calibration is switched off: the simulator as it was before it);
 * ``miles_subset.npz``: real MILES v9.1 stars (air wavelengths 3540.5 + 0.9 i, float32 flux,
   labels) chosen to span the HR diagram and [Fe/H], for the example's real-star set;
 * ``example_recipe.json``: the seeds, sizes and observation settings of the example data set
@@ -122,6 +130,31 @@ def _miles_flux(shared: Path, rows: list[dict[str, str]]) -> np.ndarray:
     return np.array([np.asarray(fits.getdata(shared / "miles" / "spectra" / r["file"]), dtype=np.float64) for r in rows])
 
 
+def make_strength_calibration(shared: Path) -> tuple[dict[str, np.ndarray], "object"]:
+    """Fit the line-strength calibration on the calibration half (even OBSID) of the real
+    LAMOST DR10 stars (needs the LAMOST calibration and an SED correction in calibration.npz)."""
+    from stx_builtin.featurizers.raw import RawFeaturizer
+    from stx_builtin.simulate import calibrate, synth
+
+    featurizer = RawFeaturizer()
+    data = calibrate.load_lamost_dr10(shared / "lamost-dr10-train", featurizer, half="even")
+    cal, info = calibrate.fit_strength(data, featurizer, log=lambda m: print("  " + m, flush=True))
+    out = {
+        "strength_a": cal.a.astype(np.float32), "strength_b": cal.b.astype(np.float32),
+        "strength_c": cal.c.astype(np.float32),
+        "strength_theta_range": np.array(cal.theta_range), "strength_logg_range": np.array(cal.logg_range),
+        "strength_r_scale": np.array(cal.r_scale), "strength_t_surface": np.array(cal.t_surface),
+        "strength_signature": synth.template_signature(synth.build_templates()),
+        "strength_nstars": np.array(data.n),
+        "strength_objective": np.array([h["objective"] for h in info["history"]]),
+    }
+    # the shipped values are float32: the calibration in force is the one read back
+    cal = synth.StrengthCalibration(a=out["strength_a"].astype(float), b=out["strength_b"].astype(float),
+                                    c=out["strength_c"].astype(float), theta_range=cal.theta_range,
+                                    logg_range=cal.logg_range, r_scale=cal.r_scale, t_surface=cal.t_surface)
+    return out, cal
+
+
 def make_sed_correction(shared: Path) -> dict[str, np.ndarray]:
     """Median log ratio of smoothed real MILES to smoothed simulated spectra (same labels, MILES
     resolution) per Teff node, on 50 A wavelength nodes, 0 at 5500 A."""
@@ -202,8 +235,26 @@ def main(argv: list[str] | None = None) -> int:
     np.savez_compressed(path, **calib)
     print(f"wrote {path.relative_to(REPO)} ({path.stat().st_size / 1024:.0f} kB): LAMOST sensitivity from "
           f"{int(calib['lamost_nstars'])} DR10 stars, DESI background from {int(calib['desi_nfibres'])} fibres")
-    calib.update(make_sed_correction(args.shared))  # needs the calibration above (synth + observe)
+    from stx_builtin.simulate import synth
+
+    # the strength fit runs with an SED correction in force (the featurizer's continuum placement
+    # depends on the continuum's shape): first the one measured on uncalibrated lines, then, once
+    # the strengths are fitted, the shipped one measured on calibrated lines
+    with synth.strength_override(None):
+        sed0 = make_sed_correction(args.shared)
+    calib.update(sed0, sed_logcorr_uncalibrated=sed0["sed_logcorr"])
     np.savez_compressed(path, **calib)
+    synth._sed_table.cache_clear()
+    strength, cal = make_strength_calibration(args.shared)  # needs the LAMOST calibration above
+    calib.update(strength)
+    obj = calib["strength_objective"]
+    print(f"strength calibration from {int(calib['strength_nstars'])} DR10 stars (objective {obj[0]:.2f} -> "
+          f"{obj[-1]:.2f}, t_surface {float(calib['strength_t_surface']):.3f}, r_scale "
+          f"{float(calib['strength_r_scale']):.3f})")
+    with synth.strength_override(cal):  # the shipped SED correction is measured on calibrated spectra
+        calib.update(make_sed_correction(args.shared))
+    np.savez_compressed(path, **calib)
+    synth._sed_table.cache_clear()
     print(f"wrote {path.relative_to(REPO)} ({path.stat().st_size / 1024:.0f} kB): + SED correction from "
           f"{int(calib['sed_nstars'])} MILES stars")
     path = make_miles_subset(args.shared)

@@ -4,9 +4,10 @@ Model
 -----
 On a vacuum log-lambda grid (3550-10000 A, step 2e-5 dex, 13.8 km/s per pixel) the flux is::
 
-    F = B_lambda(Teff) C(lambda, Teff) * (R_CORE + (1 - R_CORE) * exp(-tau_s) * (1 - A(tau_l; r)))
+    F = B_lambda(Teff) C(lambda, Teff) * (R + (1 - R) * exp(-tau_s) * (1 - A(tau_l; r)))
     tau_l = W_l(labels) @ T_l          (metal lines)
     tau_s = W_s(labels) @ T_s          (smooth opacity: wings, hydrogen, molecules, haze)
+    R = B_lambda(t_surface Teff) / B_lambda(Teff)   (residual flux of saturated cores)
 
 The templates ``T`` (K x pixels) are built once per process (about 0.5 s, then cached): each row
 is the opacity of one group of lines *relative to the continuum* at a reference temperature
@@ -42,7 +43,11 @@ one-point photosphere (:mod:`.photosphere`). Both products are plain matrix mult
 
 The C_* / GAMMA_* constants below were set once by comparing Lick-like indices and continuum-
 normalised spectra with MILES stars of known labels and with the LAMOST DR1 spectra
-(docs/simulator.md); they are not fitted per star.
+(docs/simulator.md); they are not fitted per star. On top of them the shipped **strength
+calibration** (:class:`StrengthCalibration`, fitted by :mod:`.calibrate` on real LAMOST DR10
+spectra) sets ``t_surface`` of the core residual ``R``, a factor on the curve-of-growth width and
+a log-strength correction per template row with Teff and log g slopes; switched off
+(:func:`strength_override` with None) the model is the uncalibrated one, with ``R = R_CORE``.
 
 Not modelled: a temperature structure (one layer), NLTE, rotation, chromospheric emission,
 isotopes beyond the list's solar mix, CN/MgH/CaH bands, convective shifts.
@@ -97,6 +102,9 @@ HAZE_REF = (5777.0, 4.44, 0.0, 0.0)
 LINE, WING, H_CORE, H_WING, BALMER_CONT, TIO, CH, HAZE, H_RES = range(9)
 KIND_NAMES = ("line", "wing", "h_core", "h_wing", "balmer_cont", "tio", "ch", "haze", "h_res")
 
+#: Hydrogen lines sharing template rows, by upper level: H alpha, H beta, the rest of the Balmer
+#: series; the Paschen series.
+H_GROUPS = {2: ((3, 3), (4, 4), (5, 30)), 3: ((4, 30),)}
 _IP_EDGES = np.array([5.0, 5.75, 6.5, 7.25, 8.0])
 _EXC_EDGES = np.arange(0.5, 6.01, 0.5)
 #: A line gets a damping-wing template when its integrated opacity at solar labels exceeds this (A).
@@ -302,32 +310,38 @@ def build_templates() -> TemplateSet:
     for lower in (2, 3):
         lines = [ln for ln in atoms.hydrogen_lines(lower, 30) if w[0] < ln[0] < w[-1]]
         chi_l = atoms.CHI_H_LEVEL[lower]
-        waves = np.array([ln[0] for ln in lines])
-        nup = np.array([ln[1] for ln in lines], dtype=float)
-        fosc = np.array([ln[2] for ln in lines])
-        s_h = _PI_E2_MC2 * waves**2 * fosc * lower**2 * 10.0 ** (-THETA0 * chi_l) / KAPPA_REF
-        if lower == 3:
-            s_h = s_h * C_PASCHEN
-        core = np.zeros((1, grid.npix), dtype=np.float32)
-        dpix = waves * np.log(10) * LOG_STEP
-        _gauss_deposit(core, np.zeros(waves.size, dtype=np.int64), _pixel_position(grid, waves), s_h / dpix, H_SIGMA_PIX)
-        rows.append(core[0])
-        meta.append((H_CORE, False, 0, 0.0, 1.0, chi_l))
-        stark = np.zeros(grid.npix)
+        all_waves = np.array([ln[0] for ln in lines])
+        all_nup = np.array([ln[1] for ln in lines], dtype=float)
+        all_f = np.array([ln[2] for ln in lines])
         half = 300.0 if lower == 2 else 120.0
-        for c, sh, d_n in zip(waves, s_h, nup**2 - lower**2):
-            lo, hi = np.searchsorted(w, [c - half, c + half])
-            dl = w[lo:hi] - c
-            core_w = 0.1 * d_n * (c / 4861.0) ** 2
-            k_n = (d_n * (c / 6563.0) ** 2) ** 1.5 * 1e-3
-            stark[lo:hi] += sh * k_n * (dl * dl + core_w * core_w) ** -1.25
-        rows.append(stark.astype(np.float32))
-        meta.append((H_WING, False, 0, 0.0, 1.0, chi_l))
-        res = np.zeros(grid.npix, dtype=np.float32)
-        # resonance broadening acts on levels connected to the ground state: strongest for Balmer
-        _lorentz_wings(res, grid, waves, s_h * (waves / 5000.0) ** 0, gamma_core=0.1, half_width=half)
-        rows.append(res)
-        meta.append((H_RES, False, 0, 0.0, 1.0, chi_l))
+        # one set of rows per H_GROUPS entry (H alpha and H beta on their own: the calibration
+        # corrects their strengths separately)
+        for g_lo, g_hi in H_GROUPS[lower]:
+            sel = (all_nup >= g_lo) & (all_nup <= g_hi)
+            waves, nup, fosc = all_waves[sel], all_nup[sel], all_f[sel]
+            s_h = _PI_E2_MC2 * waves**2 * fosc * lower**2 * 10.0 ** (-THETA0 * chi_l) / KAPPA_REF
+            if lower == 3:
+                s_h = s_h * C_PASCHEN
+            core = np.zeros((1, grid.npix), dtype=np.float32)
+            dpix = waves * np.log(10) * LOG_STEP
+            _gauss_deposit(core, np.zeros(waves.size, dtype=np.int64), _pixel_position(grid, waves), s_h / dpix,
+                           H_SIGMA_PIX)
+            rows.append(core[0])
+            meta.append((H_CORE, False, 0, 0.0, 1.0, chi_l))
+            stark = np.zeros(grid.npix)
+            for c, sh, d_n in zip(waves, s_h, nup**2 - lower**2):
+                lo, hi = np.searchsorted(w, [c - half, c + half])
+                dl = w[lo:hi] - c
+                core_w = 0.1 * d_n * (c / 4861.0) ** 2
+                k_n = (d_n * (c / 6563.0) ** 2) ** 1.5 * 1e-3
+                stark[lo:hi] += sh * k_n * (dl * dl + core_w * core_w) ** -1.25
+            rows.append(stark.astype(np.float32))
+            meta.append((H_WING, False, 0, 0.0, 1.0, chi_l))
+            res = np.zeros(grid.npix, dtype=np.float32)
+            # resonance broadening acts on levels connected to the ground state: strongest for Balmer
+            _lorentz_wings(res, grid, waves, s_h, gamma_core=0.1, half_width=half)
+            rows.append(res)
+            meta.append((H_RES, False, 0, 0.0, 1.0, chi_l))
 
     # Balmer bound-free continuum (n = 2) below the series limit
     lim = atoms.series_limit(2)
@@ -452,7 +466,103 @@ def weights(teff: np.ndarray, logg: np.ndarray, feh: np.ndarray, alpha_fe: np.nd
     sel = ts.kind == HAZE
     x = _haze_factor(layer, feh) / _reference(HAZE)
     w[:, sel] = (C_HAZE * x / (1.0 + x / HAZE_MAX))[:, None]
+    cal = strength_calibration()
+    if cal is not None:
+        w *= 10.0 ** cal.log_factor(teff, logg)
     return w.astype(np.float32)
+
+
+# ------------------------------------------------------------------ strength calibration
+
+
+@dataclass(frozen=True)
+class StrengthCalibration:
+    """Empirical corrections to the template weights, fitted on real LAMOST DR10 spectra
+    (:mod:`.calibrate`, run by ``tools/make_example_data.py``; docs/simulator.md).
+
+    Row ``k`` of the templates gets ``log10 w_k += a_k + b_k (theta - THETA_PIVOT) + c_k (logg -
+    LOGG_PIVOT)`` with ``theta = 5040 / Teff`` and logg clipped to the ranges the fit saw (no
+    extrapolated slopes): an astrophysical log gf per line group plus first-order corrections of
+    the one-layer photosphere's temperature and pressure dependence. ``r_scale`` multiplies the
+    curve-of-growth Doppler width (microturbulence); saturated line cores keep the residual flux
+    ``B_lambda(t_surface Teff) / B_lambda(Teff)`` (Eddington-Barbier: they form at the top of the
+    photosphere, so they are shallower in the red and in hot stars), instead of the constant
+    :data:`R_CORE` of the uncalibrated model."""
+
+    a: np.ndarray  # (K,)
+    b: np.ndarray  # (K,)
+    c: np.ndarray  # (K,)
+    theta_range: tuple[float, float]
+    logg_range: tuple[float, float]
+    r_scale: float = 1.0
+    t_surface: float = 0.75
+
+    def log_factor(self, teff: np.ndarray, logg: np.ndarray) -> np.ndarray:
+        """(n, K) log10 weight corrections of stars with these labels."""
+        th = np.clip(5040.0 / np.asarray(teff, dtype=np.float64), *self.theta_range) - THETA_PIVOT
+        lg = np.clip(np.asarray(logg, dtype=np.float64), *self.logg_range) - LOGG_PIVOT
+        return self.a[None, :] + th[:, None] * self.b[None, :] + lg[:, None] * self.c[None, :]
+
+
+#: Pivots of the calibration's slopes (a G dwarf: theta 0.9 = 5600 K, logg 4.0).
+THETA_PIVOT = 0.9
+LOGG_PIVOT = 4.0
+#: Whether the shipped strength calibration is applied (:func:`strength_override` sets a trial
+#: one, or None for the uncalibrated model, for one block of code).
+USE_STRENGTH_CALIBRATION = True
+_OVERRIDE: list[StrengthCalibration | None] = []
+
+
+def template_signature(ts: TemplateSet) -> np.ndarray:
+    """(K, 4) float array identifying the template rows (kind, alpha, ion, excitation): a shipped
+    calibration applies only to the templates it was fitted for."""
+    return np.stack([ts.kind, ts.alpha, ts.ion, np.round(ts.chi_exc, 3)], axis=1).astype(np.float64)
+
+
+@lru_cache(maxsize=1)
+def _shipped_strength() -> StrengthCalibration | None:
+    path = _data_path("calibration.npz")
+    if not path.is_file():
+        return None
+    with path.open("rb") as fh:
+        z = np.load(fh)
+        if "strength_a" not in z.files:
+            return None
+        sig = z["strength_signature"]
+        if sig.shape != template_signature(build_templates()).shape or not np.allclose(
+                sig, template_signature(build_templates())):
+            from stxcli.errors import StxError
+
+            raise StxError("the shipped strength calibration (data/simulate/calibration.npz) was fitted for other "
+                           "opacity templates: rerun python tools/make_example_data.py")
+        return StrengthCalibration(
+            a=z["strength_a"].astype(float), b=z["strength_b"].astype(float), c=z["strength_c"].astype(float),
+            theta_range=tuple(float(v) for v in z["strength_theta_range"]),
+            logg_range=tuple(float(v) for v in z["strength_logg_range"]),
+            r_scale=float(z["strength_r_scale"]), t_surface=float(z["strength_t_surface"]))
+
+
+def strength_calibration() -> StrengthCalibration | None:
+    """The strength calibration in force: a trial one (:func:`strength_override`), the shipped
+    one, or None (switched off or not shipped)."""
+    if _OVERRIDE:
+        return _OVERRIDE[-1]
+    return _shipped_strength() if USE_STRENGTH_CALIBRATION else None
+
+
+class strength_override:
+    """Context manager: synthesise with ``cal`` (None = uncalibrated) instead of the shipped
+    strength calibration."""
+
+    def __init__(self, cal: StrengthCalibration | None) -> None:
+        self.cal = cal
+
+    def __enter__(self) -> StrengthCalibration | None:
+        _OVERRIDE.append(self.cal)
+        return self.cal
+
+    def __exit__(self, *exc: object) -> None:
+        _OVERRIDE.pop()
 
 
 # ----------------------------------------------------------------------------------- spectrum
@@ -478,8 +588,11 @@ USE_SED_CORRECTION = True
 
 
 @lru_cache(maxsize=1)
-def _sed_table() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(log10 Teff nodes, wavelength nodes, log10 correction (n_teff, n_wave)) or None."""
+def _sed_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(log10 Teff nodes, wavelength nodes, log10 correction (n_teff, n_wave) of the calibrated
+    line model, the same of the uncalibrated one) or None. Each correction was measured with its
+    own line model (line blanketing moves the smoothed flux); a file without the second one
+    uses the first for both."""
     path = _data_path("calibration.npz")
     if not path.is_file():
         return None
@@ -487,7 +600,9 @@ def _sed_table() -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         z = np.load(fh)
         if "sed_logteff" not in z.files:
             return None
-        return z["sed_logteff"].astype(float), z["sed_wave"].astype(float), z["sed_logcorr"].astype(float)
+        lc = z["sed_logcorr"].astype(float)
+        lc0 = z["sed_logcorr_uncalibrated"].astype(float) if "sed_logcorr_uncalibrated" in z.files else lc
+        return z["sed_logteff"].astype(float), z["sed_wave"].astype(float), lc, lc0
 
 
 #: The continuum is evaluated on nodes every 50 A and interpolated linearly in log flux (the
@@ -521,12 +636,15 @@ def _grid_key(wave: np.ndarray) -> tuple[float, float, int]:
 def sed_correction_nodes(teff: np.ndarray) -> np.ndarray:
     """log10 of the empirical continuum correction on :data:`_CONT_NODES`, (n, n_nodes): the
     median ratio of smoothed real MILES to smoothed simulated spectra per Teff node, 0 at
-    5500 A, flat outside the MILES range; zeros when switched off or not shipped."""
+    5500 A, flat outside the MILES range (the one measured with the line model in force:
+    calibrated or not); zeros when switched off or not shipped."""
     teff = np.atleast_1d(np.asarray(teff, dtype=np.float64))
     table = _sed_table() if USE_SED_CORRECTION else None
     if table is None:
         return np.zeros((teff.size, _CONT_NODES.size))
-    lt, lw, lc = table
+    lt, lw, lc, lc0 = table
+    if strength_calibration() is None:
+        lc = lc0
     x = np.clip(np.log10(teff), lt[0], lt[-1])
     i = np.clip(np.searchsorted(lt, x) - 1, 0, lt.size - 2)
     t = ((x - lt[i]) / (lt[i + 1] - lt[i]))[:, None]
@@ -561,7 +679,9 @@ def doppler_ratio(teff: np.ndarray, logg: np.ndarray) -> np.ndarray:
     xi = np.clip(1.0 + 0.35 * (4.44 - logg) + 3e-4 * (teff - 5777.0), 0.6, 3.0)
     b = np.sqrt(v_th2 + xi * xi)
     pixel_kms = 299792.458 * np.log(10.0) * LOG_STEP
-    return (b * np.sqrt(np.pi) / pixel_kms).astype(np.float32)
+    cal = strength_calibration()
+    scale = 1.0 if cal is None else cal.r_scale
+    return (scale * b * np.sqrt(np.pi) / pixel_kms).astype(np.float32)
 
 
 #: Closed form of the Gaussian-profile curve of growth F(x) = W / (b sqrt(pi)) for a line of
@@ -598,6 +718,51 @@ def synthesize(teff, logg, feh, alpha_fe, *, normalized: bool = False) -> np.nda
     return flux_from_weights(w, teff, doppler_ratio(teff, logg), ts, normalized=normalized)
 
 
+#: The core residual varies slowly with wavelength: it is evaluated once per CORE_STEP pixels
+#: (3.2e-4 dex, 0.07 %) and held constant over them (changes < 2e-4 between steps).
+CORE_STEP = 16
+
+
+@lru_cache(maxsize=1)
+def _core_nodes() -> np.ndarray:
+    """Mean wavelength of each run of CORE_STEP high-resolution pixels (the last run may be shorter)."""
+    w = hires_grid().wave
+    n_full = w.size // CORE_STEP * CORE_STEP
+    nodes = w[:n_full].reshape(-1, CORE_STEP).mean(axis=1)
+    return np.concatenate([nodes, [w[n_full:].mean()]]) if n_full < w.size else nodes
+
+
+def core_residual(teff: np.ndarray, t_surface: float, wave: np.ndarray | None = None) -> np.ndarray:
+    """Residual flux of a saturated line core, ``B_lambda(t_surface Teff) / B_lambda(Teff)``
+    (Eddington-Barbier with the surface temperature of the photosphere), float32: at ``wave``,
+    or by default on the core nodes (n, n_nodes) (see :func:`expand_core`)."""
+    wave = _core_nodes() if wave is None else np.asarray(wave, dtype=np.float64)
+    x = np.multiply.outer(1.0 / np.atleast_1d(np.asarray(teff, dtype=np.float64)), 1.4387769e8 / wave)
+    return (np.expm1(x) / np.expm1(x / t_surface)).astype(np.float32)
+
+
+def expand_core(core: np.ndarray) -> np.ndarray:
+    """Core residuals on the nodes (n, n_nodes) -> every high-resolution pixel (n, npix)."""
+    npix = hires_grid().npix
+    counts = np.full(core.shape[1], CORE_STEP)
+    counts[-1] = npix - CORE_STEP * (core.shape[1] - 1)
+    return np.repeat(core, counts, axis=1)
+
+
+def _apply_core(s_: np.ndarray, core: np.ndarray) -> None:
+    """In place ``s = r + (1 - r) s`` with ``r`` on the core nodes, broadcast over each run."""
+    b, npix = s_.shape
+    n_full = npix // CORE_STEP * CORE_STEP
+    m = n_full // CORE_STEP
+    main = s_[:, :n_full].reshape(b, m, CORE_STEP)  # a view: the runs of each row
+    main *= (1.0 - core[:, :m])[:, :, None]
+    main += core[:, :m, None]
+    if n_full < npix:
+        tail = s_[:, n_full:]
+        tail *= (1.0 - core[:, m:])
+        tail += core[:, m:]
+
+
 def flux_from_weights(w: np.ndarray, teff: np.ndarray, r: np.ndarray, ts: TemplateSet | None = None, *,
                       normalized: bool = False, block: int = 8) -> np.ndarray:
     """Flux from template weights ``w`` (n, K) and curve-of-growth ratios ``r`` (n,).
@@ -609,10 +774,11 @@ def flux_from_weights(w: np.ndarray, teff: np.ndarray, r: np.ndarray, ts: Templa
     w = np.asarray(w, dtype=np.float32)
     tau_l = w[:, :k] @ ts.templates[:k]
     tau_s = w[:, k:] @ ts.templates[k:]
-    cont, inv = None, None
-    if not normalized:  # the Jacobian rows share Teff: one continuum per distinct Teff
-        t_u, inv = np.unique(np.atleast_1d(np.asarray(teff, dtype=np.float64)), return_inverse=True)
-        cont = continuum(t_u)
+    # the Jacobian rows share Teff: one continuum (and core residual) per distinct Teff
+    t_u, inv = np.unique(np.atleast_1d(np.asarray(teff, dtype=np.float64)), return_inverse=True)
+    cont = None if normalized else continuum(t_u)
+    cal = strength_calibration()
+    core = None if cal is None else core_residual(t_u, cal.t_surface)
     one = np.float32(1.0)
     for i in range(0, tau_l.shape[0], block):
         sl = slice(i, i + block)
@@ -621,9 +787,12 @@ def flux_from_weights(w: np.ndarray, teff: np.ndarray, r: np.ndarray, ts: Templa
         s_ = tau_s[sl]
         np.negative(s_, out=s_)
         np.exp(s_, out=s_)
-        s_ *= a
-        s_ *= np.float32(1.0 - R_CORE)
-        s_ += np.float32(R_CORE)
+        s_ *= a  # s = exp(-tau_s) (1 - A): the line spectrum without a core floor
+        if core is None:
+            s_ *= np.float32(1.0 - R_CORE)
+            s_ += np.float32(R_CORE)
+        else:
+            _apply_core(s_, core[inv[sl]])
         if cont is not None:
             s_ *= cont[inv[sl]]
     return tau_s
