@@ -48,6 +48,22 @@ def featurizer_key(name: str, version: str, config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def featurizer_identity(entry: dict[str, Any]) -> str:
+    """What makes two featurizer entries (``name``, ``version``, ``config``, ``key``) give the
+    same numbers. A featurizer whose config also says *where* or *on what device* (the
+    ``transformer``'s encoder path) offers ``identity_config(config)``: the part that determines
+    the numbers, hashed here; for any other, or one not installed, it is the recorded ``key``."""
+    from .registry import get_registry
+
+    name = str(entry.get("name"))
+    reg = get_registry()
+    if name in reg.items["featurizer"]:
+        ident = getattr(reg.get("featurizer", name), "identity_config", None)
+        if callable(ident):
+            return featurizer_key(name, str(entry.get("version")), ident(dict(entry.get("config") or {})))
+    return str(entry.get("key"))
+
+
 def _as_str_array(a: Any) -> np.ndarray:
     arr = np.asarray(a)
     if arr.dtype.kind in ("S", "O"):
@@ -323,6 +339,12 @@ class FeatureStore:
         return str(self.f.attrs["featurizer_version"])
 
     @property
+    def featurizer_entry(self) -> dict[str, Any]:
+        """``name``, ``version``, ``config``, ``key``: the form model manifests record."""
+        return {"name": self.featurizer_name, "version": self.featurizer_version,
+                "config": self.featurizer_config, "key": self.featurizer_key}
+
+    @property
     def featurizer_config(self) -> dict[str, Any]:
         return json.loads(self.f.attrs["featurizer_config"])
 
@@ -487,7 +509,7 @@ def concat_stores(paths: Sequence[str | Path], out: str | Path) -> str:
     try:
         first = stores[0]
         for st in stores[1:]:
-            if st.featurizer_key != first.featurizer_key:
+            if featurizer_identity(st.featurizer_entry) != featurizer_identity(first.featurizer_entry):
                 raise StxError(f"cannot concatenate {first.path} and {st.path}: made with different "
                                f"featurizer configs ({first.featurizer_name} {first.featurizer_key[:12]} vs "
                                f"{st.featurizer_name} {st.featurizer_key[:12]})")

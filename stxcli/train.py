@@ -26,6 +26,7 @@ import numpy as np
 
 from . import __version__, console
 from .errors import ModelFileError, StxError, UsageError
+from .store import featurizer_identity  # noqa: F401 - re-exported: models and predict compare featurizers by it
 
 #: Loop defaults; a head's or adapter's ``training_defaults()`` override them, the CLI overrides both.
 LOOP_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "weight_decay": 0.0, "epochs": 100, "batch_size": 256,
@@ -163,23 +164,6 @@ class ArraySource(Source):
 
     def labels(self, names: Sequence[str]) -> np.ndarray:
         return np.stack([self._labels.get(n, np.full(self.n, np.nan, np.float32)) for n in names], 1)
-
-
-def featurizer_identity(entry: dict[str, Any]) -> str:
-    """What makes two featurizer entries (``name``, ``version``, ``config``, ``key``) give the
-    same numbers. A featurizer whose config also says *where* or *on what device* (the
-    ``transformer``'s encoder path) offers ``identity_config(config)``: the part that determines
-    the numbers, hashed here; for any other, or one not installed, it is the recorded ``key``."""
-    from .registry import get_registry
-    from .store import featurizer_key
-
-    name = str(entry.get("name"))
-    reg = get_registry()
-    if name in reg.items["featurizer"]:
-        ident = getattr(reg.get("featurizer", name), "identity_config", None)
-        if callable(ident):
-            return featurizer_key(name, str(entry.get("version")), ident(dict(entry.get("config") or {})))
-    return str(entry.get("key"))
 
 
 def open_stores(paths: Sequence[str | Path], weights: Sequence[float] | None = None) -> list[Source]:

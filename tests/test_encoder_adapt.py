@@ -270,6 +270,13 @@ def test_predicting_with_a_moved_encoder_directory(work, lora_model, tmp_path, m
                   "key": b.featurizer_key}
             assert featurizer_identity(ea) == featurizer_identity(eb)
             np.testing.assert_array_equal(a.read()["features"], b.read()["features"])
+            n_emb = a.n
+        # and stores embedded with the encoder at two paths concatenate (same identity)
+        from stxcli.store import concat_stores
+
+        concat_stores([tmp_path / "emb_moved.h5", work / "tgt_emb.h5"], tmp_path / "both.h5")
+        with FeatureStore.open(tmp_path / "both.h5") as c:
+            assert c.n == 2 * n_emb
         code, _, err = run_cli(["predict", work / "base", tmp_path / "emb_moved.h5", "-o", tmp_path / "b.fits"],
                                capsys)
         assert code == 0, err
