@@ -390,7 +390,7 @@ def _maybe_fail(part: Part, job: "FeaturizeJob | PredictJob") -> None:
 def featurize_part(part: Part, job: FeaturizeJob, rv_lookup: dict[str, float] | None) -> dict[str, Any]:
     """The Dask task: featurize ``part.files`` into the part store ``part.path`` (atomic)."""
     from .io import atomic_file
-    from .pipeline import featurize_file, sha256_file
+    from .pipeline import INPUT_DIGEST, featurize_file, input_digest
     from .registry import get_registry, identify
     from .store import StoreWriter
 
@@ -413,7 +413,7 @@ def featurize_part(part: Part, job: FeaturizeJob, rv_lookup: dict[str, float] | 
                     fb.meta.source_file = _as_given(fb.meta.source_file, p, f)
                     w.append(fb)
                     notes.update(fb.notes)
-                inputs.append({"path": f, "sha256": sha256_file(p), "reader": reader, "rows": [start, w.n]})
+                inputs.append({"path": f, INPUT_DIGEST: input_digest(p), "reader": reader, "rows": [start, w.n]})
             w.set_inputs(inputs)
             w.f.attrs["part_key"] = part.key
             w.f.attrs["notes"] = json.dumps(sorted(notes))

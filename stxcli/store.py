@@ -11,7 +11,7 @@ Layout (format ``stx-feature-store`` version 1; open it with h5py alone, see doc
     /labels/<name>     (N,)   float32, NaN where unknown; attribute ``unit``
     root attributes:   format, format_version, featurizer, featurizer_version,
                        featurizer_config (JSON), featurizer_key, stx_version, created,
-                       inputs (JSON list of {path, sha256, rows}), label_source (JSON),
+                       inputs (JSON list of {path, xxh3_128, reader, rows}), label_source (JSON),
                        checksum (sha256 of ids + features + ivar), complete
 """
 

@@ -176,3 +176,18 @@ def test_worker_processes_give_identical_store(tmp_path, shared):
     with FeatureStore.open(tmp_path / "one.h5") as a, FeatureStore.open(tmp_path / "two.h5") as b:
         assert a.checksum == b.checksum
         assert list(a.meta["source_file"]) == list(b.meta["source_file"])
+
+
+def test_store_records_each_input_file_digest(stores):
+    """Every input file is recorded with its XXH3-128 digest, computed here from its bytes."""
+    import xxhash
+
+    from stxcli.store import FeatureStore
+
+    path, _ = stores["desi"]
+    with FeatureStore.open(path) as st:
+        inputs = st.inputs
+    assert inputs and all(set(d) == {"path", "xxh3_128", "reader", "rows"} for d in inputs)
+    for d in inputs:
+        want = xxhash.xxh3_128(open(d["path"], "rb").read()).hexdigest()
+        assert d["xxh3_128"] == want and len(want) == 32

@@ -62,7 +62,7 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
     :mod:`stxcli.distributed`) and the store equals the single-process one."""
     import numpy as np
 
-    from ..pipeline import build_featurizer, expand_inputs, join_labels, map_files, read_catalog
+    from ..pipeline import INPUT_DIGEST, build_featurizer, expand_inputs, join_labels, map_files, read_catalog
     from ..store import StoreWriter, featurizer_key
 
     if match_by not in ("id", "file"):
@@ -134,7 +134,7 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
                 for fb in res.batches:
                     writer.append(fb)
                     notes.extend(fb.notes)
-                done.append({"path": str(res.path), "sha256": res.sha256, "reader": res.reader,
+                done.append({"path": str(res.path), INPUT_DIGEST: res.digest, "reader": res.reader,
                              "rows": [start, writer.n]})
                 if time.monotonic() - last_checkpoint > CHECKPOINT_S:
                     # HDF5 does not reuse an attribute's old space: rewriting the growing list
