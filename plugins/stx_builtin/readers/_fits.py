@@ -129,6 +129,28 @@ _TFORM_BYTES = {"L": 1, "B": 1, "I": 2, "J": 4, "K": 8, "A": 1, "E": 4, "D": 8, 
 _TFORM_DTYPE = {"B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
 
 
+class _BadTform(ValueError):
+    """A TFORM this module cannot lay out (its column index is ``args[0]``)."""
+
+
+def _column_layout(hdr: Any) -> tuple[dict[str, tuple[int, str | None]], int]:
+    """Per column name (upper case): (byte offset in a row, native-readable dtype or None for a
+    vector, scaled or non-numeric column), and the row width the TFORMs add up to. Raises
+    :class:`_BadTform` for a TFORM it cannot size."""
+    offsets: dict[str, tuple[int, str | None]] = {}
+    pos = 0
+    for j in range(1, int(hdr.get("TFIELDS", 0)) + 1):
+        m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
+        if m is None:
+            raise _BadTform(j)
+        rep = int(m.group(1)) if m.group(1) else 1
+        code = m.group(2)
+        plain = rep == 1 and code in _TFORM_DTYPE and f"TSCAL{j}" not in hdr and f"TZERO{j}" not in hdr
+        offsets[str(hdr.get(f"TTYPE{j}", "")).strip().upper()] = (pos, _TFORM_DTYPE[code] if plain else None)
+        pos += (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
+    return offsets, pos
+
+
 def is_plain_file(path: Path) -> bool:
     """True for an uncompressed FITS file (raw bytes can be memory-mapped at header offsets)."""
     with open(path, "rb") as fh:
@@ -146,20 +168,10 @@ def table_columns(hdul: Any, extname: str, names: tuple[str, ...], path: Path) -
     """
     hdu = require_hdu(hdul, extname, path)
     hdr = hdu.header
-    ncol = int(hdr.get("TFIELDS", 0))
-    offsets: dict[str, tuple[int, str | None]] = {}
-    pos = 0
-    for j in range(1, ncol + 1):
-        m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
-        if m is None:
-            pos = -1
-            break
-        rep = int(m.group(1)) if m.group(1) else 1
-        code = m.group(2)
-        width = (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
-        plain = rep == 1 and code in _TFORM_DTYPE and f"TSCAL{j}" not in hdr and f"TZERO{j}" not in hdr
-        offsets[str(hdr.get(f"TTYPE{j}", "")).strip().upper()] = (pos, _TFORM_DTYPE[code] if plain else None)
-        pos += width
+    try:
+        offsets, pos = _column_layout(hdr)
+    except _BadTform:
+        offsets, pos = {}, -1
     fast = (
         pos == int(hdr.get("NAXIS1", -2))
         and all(n in offsets and offsets[n][1] is not None for n in names)
@@ -478,18 +490,11 @@ def raw_table_columns(hdu: RawHdu, names: tuple[str, ...], path: Path, filemap: 
     at the TFORM offsets; only scalar, unscaled numeric columns (what a DESI FIBERMAP's TARGETID,
     TARGET_RA, TARGET_DEC are)."""
     hdr = hdu.header
-    offsets: dict[str, tuple[int, str | None]] = {}
-    pos = 0
-    for j in range(1, int(hdr.get("TFIELDS", 0)) + 1):
-        m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
-        if m is None:
-            raise FormatError(f"{path}: {hdu.name}: unsupported TFORM{j} {hdr.get(f'TFORM{j}')!r}")
-        rep = int(m.group(1)) if m.group(1) else 1
-        code = m.group(2)
-        width = (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
-        plain = rep == 1 and code in _TFORM_DTYPE and f"TSCAL{j}" not in hdr and f"TZERO{j}" not in hdr
-        offsets[str(hdr.get(f"TTYPE{j}", "")).strip().upper()] = (pos, _TFORM_DTYPE[code] if plain else None)
-        pos += width
+    try:
+        offsets, pos = _column_layout(hdr)
+    except _BadTform as bad:
+        j = bad.args[0]
+        raise FormatError(f"{path}: {hdu.name}: unsupported TFORM{j} {hdr.get(f'TFORM{j}')!r}") from None
     if pos != int(hdr.get("NAXIS1", -1)):
         raise FormatError(f"{path}: {hdu.name}: column widths ({pos}) do not add up to NAXIS1")
     for n in names:
@@ -512,19 +517,11 @@ def raw_table_columns(hdu: RawHdu, names: tuple[str, ...], path: Path, filemap: 
 def raw_columns_plain(hdu: RawHdu, names: tuple[str, ...]) -> bool:
     """Whether :func:`raw_table_columns` can read ``names`` of ``hdu`` (absent columns count as
     plain: reading them is the error the caller reports)."""
-    hdr = hdu.header
-    pos = 0
-    plain: dict[str, bool] = {}
-    for j in range(1, int(hdr.get("TFIELDS", 0)) + 1):
-        m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
-        if m is None:
-            return False
-        rep = int(m.group(1)) if m.group(1) else 1
-        code = m.group(2)
-        pos += (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
-        plain[str(hdr.get(f"TTYPE{j}", "")).strip().upper()] = (
-            rep == 1 and code in _TFORM_DTYPE and f"TSCAL{j}" not in hdr and f"TZERO{j}" not in hdr)
-    return pos == int(hdr.get("NAXIS1", -1)) and all(plain.get(n, True) for n in names)
+    try:
+        offsets, pos = _column_layout(hdu.header)
+    except _BadTform:
+        return False
+    return pos == int(hdu.header.get("NAXIS1", -1)) and all(offsets[n][1] is not None for n in names if n in offsets)
 
 
 def table_column_names(hdu: RawHdu) -> set[str]:
