@@ -3,7 +3,6 @@ optional worker processes, and joining a labels catalog. Knows no concrete surve
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StxError, UsageError
+from .modelfile import sha256_file  # noqa: F401 - re-exported (encoder files, label catalogs)
 from .protocols import FeatureBatch, Featurizer
 from .registry import get_registry, identify
 
@@ -70,14 +70,6 @@ def build_featurizer(name: str, config: dict[str, Any] | None = None) -> Featuri
         return factory(**(config or {}))
     except TypeError as exc:
         raise UsageError(f"featurizer {name!r}: bad configuration ({exc})") from exc
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 #: the digest a feature store records for each input file (``inputs[i]["xxh3_128"]``)

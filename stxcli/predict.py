@@ -60,9 +60,8 @@ def _col(d: dict[str, np.ndarray], key: str, n: int, fill: Any, dtype: Any) -> n
     return np.asarray(v).astype(dtype, copy=False)
 
 
-def _text(d: dict[str, np.ndarray], key: str, n: int) -> np.ndarray:
+def _text(v: Any, n: int) -> np.ndarray:
     """A string column as it came (UTF-8 ``S`` bytes from a store stay bytes), or "" fill."""
-    v = d.get(key)
     if v is None:
         return np.full(n, "", dtype=str)
     v = np.asarray(v)
@@ -70,9 +69,9 @@ def _text(d: dict[str, np.ndarray], key: str, n: int) -> np.ndarray:
 
 
 def _columns_from(ids: np.ndarray, meta: dict[str, Any], n: int) -> dict[str, np.ndarray]:
-    cols = {"id": _text({"id": ids}, "id", n),
-            "survey": _text(meta, "survey", n),
-            "source_file": _text(meta, "source_file", n),
+    cols = {"id": _text(ids, n),
+            "survey": _text(meta.get("survey"), n),
+            "source_file": _text(meta.get("source_file"), n),
             "source_row": _col(meta, "source_row", n, -1, np.int64)}
     for k in ID_EXTRAS:
         if k in meta:

@@ -596,14 +596,21 @@ def predict_rows(net: Any, batches: Batches, device: str, batch_size: int | None
     return PredStats(tot / max(den, 1e-12), np.concatenate(means), np.concatenate(vars_), np.concatenate(ys))
 
 
-def label_report(specs: list[Any], ps: PredStats) -> dict[str, Any]:
-    """Per-label metrics in physical units (n, mae, bias, scatter, calibration) plus the NLL."""
-    from .metrics import label_metrics
+def physical(specs: list[Any], ps: PredStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted value, 1-sigma error and truth (NaN where unknown) in physical units."""
     from .model import decode_labels
 
     value, err = decode_labels(specs, ps.mean, ps.var)
     truth, _ = decode_labels(specs, np.nan_to_num(ps.y), np.zeros_like(ps.y))
     truth[~np.isfinite(ps.y)] = np.nan
+    return value, err, truth
+
+
+def label_report(specs: list[Any], ps: PredStats) -> dict[str, Any]:
+    """Per-label metrics in physical units (n, mae, bias, scatter, calibration) plus the NLL."""
+    from .metrics import label_metrics
+
+    value, err, truth = physical(specs, ps)
     out: dict[str, Any] = {"nll": float(ps.nll), "labels": {}}
     for j, s in enumerate(specs):
         out["labels"][s.name] = label_metrics(value[:, j], truth[:, j], err[:, j])
@@ -626,11 +633,7 @@ def error_calibration(specs: list[Any], ps: PredStats, enabled: bool = True) -> 
     scaled by ``k`` hold 68.27 % of those residuals within 1 sigma, as Gaussian errors should.
     Recorded with the validation fractions before and after; not applied (factor 1) when
     disabled or with fewer than ``MIN_CALIBRATION_STARS`` validation stars for the label."""
-    from .model import decode_labels
-
-    value, err = decode_labels(specs, ps.mean, ps.var)
-    truth, _ = decode_labels(specs, np.nan_to_num(ps.y), np.zeros_like(ps.y))
-    truth[~np.isfinite(ps.y)] = np.nan
+    value, err, truth = physical(specs, ps)
     out: dict[str, Any] = {"method": "validation 68.27th percentile of |residual|/error" if enabled else "off",
                            "min_stars": MIN_CALIBRATION_STARS, "labels": {}}
     for j, s in enumerate(specs):
