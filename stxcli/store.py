@@ -124,7 +124,7 @@ class StoreWriter:
     # written, a resize, attributes) first writes the buffered rows, so it always sees them.
     @property
     def f(self) -> Any:
-        if getattr(self, "_pending", None):
+        if self._pending:
             self.flush()
         return self._f
 
@@ -137,7 +137,7 @@ class StoreWriter:
     @property
     def n(self) -> int:
         """Rows appended so far (written or buffered)."""
-        return int(self._f["features"].shape[0]) + getattr(self, "_pending_rows", 0)
+        return int(self._f["features"].shape[0]) + self._pending_rows
 
     def _append(self, ds_path: str, values: np.ndarray) -> None:
         """Write ``values`` as the last rows of ``ds_path`` (created on first use, earlier rows
