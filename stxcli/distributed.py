@@ -545,8 +545,11 @@ def featurize_on_dask(dask: "str | DaskTarget | Any", paths: list[Path], output:
         pdir.mkdir(parents=True, exist_ok=True)
         address = getattr(client, "scheduler", None)
         address = getattr(address, "address", None) or str(dask)
-        # A large catalog travels to each worker once, not with every task.
-        rv_arg = client.scatter([rv_lookup], broadcast=True)[0] if rv_lookup else None
+        # A large catalog travels to each worker once, not with every task. A random key
+        # (hash=False): with the content hash, a rerun on the same cluster after an interruption
+        # scattered under the key the interrupted run was still releasing, and the scheduler then
+        # dropped the new copy ("Could not find data"), so every task of the rerun was cancelled.
+        rv_arg = client.scatter([rv_lookup], broadcast=True, hash=False)[0] if rv_lookup else None
         output.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(output) as tmp:
             comb = _Combiner(tmp, feat, catalog, label_columns, by_file)
