@@ -118,12 +118,15 @@ def rows_featurize(d: dict[str, Any]) -> list[Row]:
                         r["speedup"] >= 2.5))
     r = d.get("read_and_featurize")
     if r and d.get("read"):
-        rows.append(Row("read + raw featurize that coadd", f"{_num(r['stx_s'])} s",
-                        f"specutils read alone {_num(d['read']['specutils_s'])} s",
+        how = f", {r['threads']} threads" if r.get("threads", 1) > 1 else ""
+        rows.append(Row(f"read + raw featurize that coadd{how}", f"{_num(r['stx_s'])} s",
+                        f"specutils read alone {_num(d['read']['specutils_s'])} s"
+                        + (f"; stx 1 thread {r['ratio_1_thread']:.2f}x" if "ratio_1_thread" in r else ""),
                         f"{r['ratio_to_specutils_read']:.2f}x the time", "< 1x", r["ratio_to_specutils_read"] < 1))
     r = d.get("featurize_rate")
     if r:
-        rows.append(Row(f"featurize {_num(r['n_spectra'])} spectra, 2 workers", _rate(r["workers2_spectra_per_s"]),
+        mode = f" ({r['workers2_mode']})" if "workers2_mode" in r else ""
+        rows.append(Row(f"featurize {_num(r['n_spectra'])} spectra, 2 workers{mode}", _rate(r["workers2_spectra_per_s"]),
                         f"1 worker {_rate(r['workers1_spectra_per_s'])}", f"{r['parallel_speedup']:.2f}x",
                         f">= {_num(r.get('target_workers2', 3000))} spectra/s",
                         r["workers2_spectra_per_s"] >= r.get("target_workers2", 3000)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from .errors import StxError, UsageError
 from .modelfile import sha256_file  # noqa: F401 - re-exported (encoder files, label catalogs)
 from .protocols import FeatureBatch, Featurizer
 from .registry import get_registry, identify
+from .spectra import SpectrumBatch
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
@@ -105,18 +107,22 @@ class FileResult:
 RvLookup = dict[str, float]
 
 
-def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = None,
-                   chunk_size: int = 1024, rv_lookup: RvLookup | None = None,
-                   reader: Any = None) -> Iterator[FeatureBatch]:
-    """Read one file with its identified reader (or ``reader``, already identified: probing a
-    file parses all its headers, tens of ms for a DESI coadd) and featurize it batch by batch.
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
-    BLAS runs single-threaded while featurizing: results then do not depend on the thread count
-    (one process, a pool or a Dask cluster give identical stores), and N worker processes on N
-    cores do not each start N threads."""
-    if reader is None:
-        reader = identify(path, get_registry(), format)
-    _keep_freed_memory()
+
+def default_threads(workers: int = 1) -> int:
+    """Transform threads per process when not given: the usable cores shared by ``workers``."""
+    return max(1, usable_cores() // max(1, workers))
+
+
+def _read_batches(path: Path, reader: Any, featurizer: Featurizer, chunk_size: int,
+                  rv_lookup: RvLookup | None) -> Iterator[SpectrumBatch]:
+    """The file's batches from ``reader``, checked, with catalog velocities filled in."""
     for batch in reader.read(path, chunk_size=chunk_size,
                              with_resolution=bool(getattr(featurizer, "needs_resolution", False))):
         try:
@@ -128,9 +134,108 @@ def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = N
             rv = np.array([rv_lookup.get(str(i), np.nan) for i in ids], dtype=np.float64)
             have = np.isfinite(rv)
             batch.meta.rv_kms = np.where(have, rv, batch.meta.rv_kms)
-        with _single_threaded_blas():  # not across the yield: the consumer keeps its threads
-            fb = featurizer.transform(batch)
-        yield fb
+        yield batch
+
+
+def _transform(featurizer: Featurizer, batch: SpectrumBatch) -> FeatureBatch:
+    with _single_threaded_blas():  # per batch, not across a yield: the consumer keeps its threads
+        return featurizer.transform(batch)
+
+
+def _pooled_transform(featurizer: Featurizer, batch: SpectrumBatch) -> FeatureBatch:
+    return featurizer.transform(batch)  # BLAS limited by transform_stream, in the caller's thread
+
+
+def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int = 1) -> Iterator[Any]:
+    """Each :class:`SpectrumBatch` of ``items`` replaced by its features, in order; anything else
+    passes through. With ``threads > 1`` and a ``thread_safe`` featurizer, up to ``threads``
+    batches are transformed at once on a thread pool (numpy releases the GIL in the heavy steps)
+    while the caller's thread reads the next batch and consumes the results; the output is the
+    same, in the same order. Memory: ``threads + 1`` batches in flight instead of one."""
+    if threads <= 1 or not getattr(featurizer, "thread_safe", False):
+        for it in items:
+            yield _transform(featurizer, it) if isinstance(it, SpectrumBatch) else it
+        return
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    prepare = getattr(featurizer, "prepare", None)
+    if callable(prepare):
+        prepare()  # shared caches built once, not raced for by the first batches
+    pending: deque[Any] = deque()
+    running = 0
+    ex = ThreadPoolExecutor(threads, thread_name_prefix="stx-featurize")
+    # OpenBLAS at 1 thread while the pool runs (its setting is process-wide), set here once: the
+    # caller's code between results then also sees BLAS at 1 thread, while OpenMP (torch in
+    # stx predict) keeps its threads
+    limit = _single_threaded_blas(user_api="blas")
+    limit.__enter__()
+    try:
+        for it in items:
+            if isinstance(it, SpectrumBatch):
+                pending.append(ex.submit(_pooled_transform, featurizer, it))
+                running += 1
+            else:
+                pending.append(it)
+            while pending and (running > threads or not isinstance(pending[0], Future)):
+                head = pending.popleft()
+                if isinstance(head, Future):
+                    running -= 1
+                    yield head.result()
+                else:
+                    yield head
+        while pending:
+            head = pending.popleft()
+            yield head.result() if isinstance(head, Future) else head
+    finally:  # an error or an abandoned generator: no thread keeps working on freed data
+        for f in pending:
+            if isinstance(f, Future):
+                f.cancel()
+        ex.shutdown(wait=True)
+        limit.__exit__(None, None, None)
+
+
+def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = None,
+                   chunk_size: int = 1024, rv_lookup: RvLookup | None = None,
+                   reader: Any = None, threads: int = 1) -> Iterator[FeatureBatch]:
+    """Read one file with its identified reader (or ``reader``, already identified: probing a
+    file parses all its headers, tens of ms for a DESI coadd) and featurize it batch by batch,
+    ``threads`` batches at a time (:func:`transform_stream`).
+
+    BLAS runs single-threaded while featurizing: results then do not depend on the thread count
+    (one process, threads, a pool or a Dask cluster give identical stores), and N workers on N
+    cores do not each start N threads."""
+    if reader is None:
+        reader = identify(path, get_registry(), format)
+    _keep_freed_memory()
+    yield from transform_stream(featurizer, _read_batches(path, reader, featurizer, chunk_size, rv_lookup),
+                                threads)
+
+
+@dataclass
+class FileStart:
+    """Marks where a file's batches begin in :func:`featurize_files`' stream."""
+
+    path: Path
+    reader: Any
+
+
+def featurize_files(paths: Sequence[Path], featurizer: Featurizer, *, format: str | None = None,
+                    chunk_size: int = 1024, rv_lookup: RvLookup | None = None,
+                    threads: int = 1) -> Iterator[FileStart | FeatureBatch]:
+    """All files' feature batches as one stream, each file's preceded by its :class:`FileStart`:
+    with threads the pool keeps working across file boundaries (files of a few batches, or of
+    one spectrum, do not drain it)."""
+    _keep_freed_memory()
+
+    def items() -> Iterator[Any]:
+        reg = get_registry()
+        for p in paths:
+            reader = identify(p, reg, format)
+            yield FileStart(Path(p), reader)
+            yield from _read_batches(Path(p), reader, featurizer, chunk_size, rv_lookup)
+
+    return transform_stream(featurizer, items(), threads)
 
 
 _blas_state: dict[str, Any] = {}
@@ -162,18 +267,25 @@ def _keep_freed_memory() -> None:
     mallopt(m_trim_threshold, 256 << 20)
 
 
-def _single_threaded_blas() -> Any:
-    """``threadpoolctl``'s limit to 1 thread, from a controller kept between batches: building one
-    scans every loaded shared library (1.5-15 ms, per batch before), so it is rebuilt only when
-    Python modules were imported since (the way a native library gets loaded, e.g. torch by a
-    featurizer on first use)."""
+@contextmanager
+def _single_threaded_blas(user_api: str | None = None) -> Iterator[None]:
+    """``threadpoolctl``'s limit to 1 thread (of ``user_api``, None = BLAS and OpenMP), from a
+    controller kept between batches: building one scans every loaded shared library (1.5-15 ms,
+    per batch before), so it is rebuilt only when Python modules were imported since (the way a
+    native library gets loaded, e.g. torch by a featurizer on first use). Set and restored by the
+    same thread: OpenBLAS's setting is process-wide, and restoring it from another thread of a
+    pool was seen to leave it at 1 (OpenBLAS 0.3.30/0.3.31)."""
     from threadpoolctl import ThreadpoolController
 
     n_modules = len(sys.modules)
     if _blas_state.get("n_modules") != n_modules:
         _blas_state["controller"] = ThreadpoolController()
         _blas_state["n_modules"] = len(sys.modules)
-    return _blas_state["controller"].limit(limits=1)
+    limiter = _blas_state["controller"].limit(limits=1, user_api=user_api)
+    try:
+        yield
+    finally:
+        limiter.restore_original_limits()
 
 
 # ------------------------------------------------------------------------------ worker processes
@@ -182,13 +294,13 @@ _worker_state: dict[str, Any] = {}
 
 
 def _init_worker(name: str, config: dict[str, Any], format: str | None, chunk_size: int,
-                 rv_lookup: RvLookup | None, inherited: bool = False) -> None:
+                 rv_lookup: RvLookup | None, inherited: bool = False, threads: int = 1) -> None:
     """Build this process's featurizer, or (``inherited``: a forked worker) keep the one the parent
     built and prepared before forking."""
+    _worker_state.update(format=format, chunk_size=chunk_size, rv_lookup=rv_lookup, threads=threads)
     if inherited and _worker_state.get("featurizer") is not None:
         return
-    _worker_state.update(featurizer=build_featurizer(name, config), format=format,
-                         chunk_size=chunk_size, rv_lookup=rv_lookup)
+    _worker_state["featurizer"] = build_featurizer(name, config)
 
 
 def _prepare_for_fork(first: Path, format: str | None) -> None:
@@ -206,32 +318,59 @@ def _prepare_for_fork(first: Path, format: str | None) -> None:
         prepare()
 
 
-def _run_file(path: Path, lazy: bool = False) -> FileResult:
+def _run_file(path: Path) -> FileResult:
+    """A worker process's file, featurized in full (the list goes back to the parent)."""
     st = _worker_state
     reader = identify(path, get_registry(), st["format"])
-    batches = featurize_file(path, st["featurizer"], format=st["format"],
-                             chunk_size=st["chunk_size"], rv_lookup=st["rv_lookup"], reader=reader)
-    return FileResult(path, input_digest(path), reader.name, batches if lazy else list(batches))
+    batches = featurize_file(path, st["featurizer"], format=st["format"], chunk_size=st["chunk_size"],
+                             rv_lookup=st["rv_lookup"], reader=reader, threads=st["threads"])
+    return FileResult(path, input_digest(path), reader.name, list(batches))
+
+
+def _grouped(stream: Iterator[Any]) -> Iterator[FileResult]:
+    """:func:`featurize_files`' stream as one :class:`FileResult` per file, whose lazy
+    ``batches`` run up to the next :class:`FileStart` (drained here if the caller did not)."""
+    head = next(stream, None)
+    while head is not None:
+        start: FileStart = head
+        state: dict[str, Any] = {"next": None, "done": False}
+
+        def batches(state: dict[str, Any] = state) -> Iterator[FeatureBatch]:
+            for item in stream:
+                if isinstance(item, FileStart):
+                    state["next"] = item
+                    break
+                yield item
+            state["done"] = True
+
+        gen = batches()
+        yield FileResult(start.path, input_digest(start.path), start.reader.name, gen)
+        if not state["done"]:
+            for _ in gen:
+                pass
+        head = state["next"]
 
 
 def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: dict[str, Any], *,
               format: str | None = None, chunk_size: int = 1024, workers: int = 1,
-              rv_lookup: RvLookup | None = None) -> Iterator[FileResult]:
-    """Featurize files in input order, in ``workers`` processes (1 = this process)."""
+              rv_lookup: RvLookup | None = None, threads: int = 1) -> Iterator[FileResult]:
+    """Featurize files in input order, in ``workers`` processes (1 = this process), each
+    transforming ``threads`` batches at a time."""
     if workers <= 1:
-        _init_worker(featurizer_name, featurizer_config, format, chunk_size, rv_lookup)
-        for p in paths:
-            yield _run_file(p, lazy=True)
+        _init_worker(featurizer_name, featurizer_config, format, chunk_size, rv_lookup, threads=threads)
+        yield from _grouped(featurize_files(paths, _worker_state["featurizer"], format=format,
+                                            chunk_size=chunk_size, rv_lookup=rv_lookup, threads=threads))
         return
     import multiprocessing as mp
 
     fork = hasattr(os, "fork")
     ctx = mp.get_context("fork" if fork else "spawn")
     if fork and paths:
-        _init_worker(featurizer_name, featurizer_config, format, chunk_size, rv_lookup)
+        _init_worker(featurizer_name, featurizer_config, format, chunk_size, rv_lookup, threads=threads)
         _prepare_for_fork(Path(paths[0]), format)
     with ctx.Pool(workers, initializer=_init_worker,
-                  initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup, fork)) as pool:
+                  initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup, fork,
+                            threads)) as pool:
         yield from pool.imap(_run_file, list(paths), chunksize=1)
 
 

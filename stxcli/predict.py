@@ -161,23 +161,29 @@ def _chunk_of(batches: list[Any]) -> Chunk:
     return Chunk(x, _columns_from(c.pop("id"), c, n), snr, flags, iv)
 
 
-def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: int) -> Iterator[Chunk]:
+def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: int,
+                threads: int = 1) -> Iterator[Chunk]:
     """Featurize survey files on the fly: read ``READ_ROWS`` spectra at a time (memory stays
-    that of a few hundred raw spectra whatever the file holds) and predict ``chunk_rows`` at a
-    time (within one file)."""
-    from .pipeline import featurize_file
+    that of a few hundred raw spectra per thread whatever the file holds), ``threads`` batches at
+    once (:func:`stxcli.pipeline.transform_stream`), and predict ``chunk_rows`` at a time (within
+    one file)."""
+    from .pipeline import FileStart, featurize_files
 
-    for p in paths:
-        pending: list[Any] = []
-        rows = 0
-        for fb in featurize_file(p, feat, format=fmt, chunk_size=min(chunk_rows, READ_ROWS)):
-            pending.append(fb)
-            rows += fb.features.shape[0]
-            if rows >= chunk_rows:
+    pending: list[Any] = []
+    rows = 0
+    for item in featurize_files(paths, feat, format=fmt, chunk_size=min(chunk_rows, READ_ROWS), threads=threads):
+        if isinstance(item, FileStart):
+            if pending:
                 yield _chunk_of(pending)
-                pending, rows = [], 0
-        if pending:
+            pending, rows = [], 0
+            continue
+        pending.append(item)
+        rows += item.features.shape[0]
+        if rows >= chunk_rows:
             yield _chunk_of(pending)
+            pending, rows = [], 0
+    if pending:
+        yield _chunk_of(pending)
 
 
 # ----------------------------------------------------------------------------- the predictions
@@ -387,7 +393,12 @@ def run_predict(model_path: str | Path, inputs: Sequence[str], output: str | Pat
     if chunk_rows < 1:
         raise UsageError("--chunk-size must be >= 1")
     if threads is not None:
+        if threads < 1:
+            raise UsageError("--threads must be >= 1")
         torch.set_num_threads(threads)
+    from .pipeline import default_threads
+
+    feat_threads = threads if threads is not None else default_threads()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise StxError("--device cuda: no CUDA device is available to torch")
     output = Path(output)
@@ -399,13 +410,13 @@ def run_predict(model_path: str | Path, inputs: Sequence[str], output: str | Pat
     if catalog is not None:
         n, flag_counts = _predict_catalog(model, catalog, output, format=format, chunk_rows=chunk_rows,
                                           device=device, path_column=path_column, row_column=row_column,
-                                          targetid_column=targetid_column, prefix=prefix)
+                                          targetid_column=targetid_column, prefix=prefix, threads=feat_threads)
     else:
         if prefix:
             raise UsageError("--prefix applies to an input catalog only")
         feat = model_featurizer(model) if files else None
         n, flag_counts = _predict_stream(model, stores, files, feat, output, format=format,
-                                         chunk_rows=chunk_rows, device=device)
+                                         chunk_rows=chunk_rows, device=device, threads=feat_threads)
     dt = time.perf_counter() - t0
     for name, count in flag_counts.items():
         if name in ("OUT_OF_DOMAIN", "OUT_OF_LABEL_RANGE") and count:
@@ -425,12 +436,12 @@ def _count_flags(counts: dict[str, int], flags: np.ndarray) -> None:
 
 
 def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any, output: Path, *,
-                    format: str | None, chunk_rows: int, device: str) -> tuple[int, dict[str, int]]:
+                    format: str | None, chunk_rows: int, device: str, threads: int = 1) -> tuple[int, dict[str, int]]:
     def chunks() -> Iterator[Chunk]:
         for s in stores:
             yield from store_chunks(s, model, chunk_rows)
         if files:
-            yield from file_chunks(files, feat, format, chunk_rows)
+            yield from file_chunks(files, feat, format, chunk_rows, threads)
 
     counts: dict[str, int] = {}
     units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}
@@ -491,7 +502,7 @@ def _read_catalog(path: Path) -> Any:
 
 def _predict_catalog(model: Any, catalog: Path, output: Path, *, format: str | None, chunk_rows: int,
                      device: str, path_column: str | None, row_column: str | None,
-                     targetid_column: str | None, prefix: str) -> tuple[int, dict[str, int]]:
+                     targetid_column: str | None, prefix: str, threads: int = 1) -> tuple[int, dict[str, int]]:
     from .pipeline import featurize_file
 
     cat = _read_catalog(catalog)
@@ -534,7 +545,7 @@ def _predict_catalog(model: Any, catalog: Path, output: Path, *, format: str | N
     with console.progress("predict", total=len(by_file)) as bar:
         for q, idx in by_file.items():
             want = np.asarray(idx)
-            for fb in featurize_file(q, feat, format=format, chunk_size=chunk_rows):
+            for fb in featurize_file(q, feat, format=format, chunk_size=min(chunk_rows, READ_ROWS), threads=threads):
                 m = fb.meta
                 k = fb.features.shape[0]
                 if rows is not None:

@@ -118,6 +118,14 @@ class Featurizer(Protocol):
     def axis(self) -> np.ndarray | None:
         """The feature axis (e.g. the wavelength grid of the raw featurizer), or None."""
 
+    # Optional members, looked up with getattr (a featurizer without them works):
+    #
+    # ``thread_safe: bool`` (default False): ``transform`` may run in several threads at once on
+    #   different batches. ``stx featurize --threads N`` and ``stx predict`` from survey files
+    #   then transform N batches in parallel; for any other featurizer they run one at a time.
+    # ``prepare() -> None``: build what does not depend on the input (bases, templates, imports)
+    #   once, before worker processes are forked or threads started; must not start threads.
+
 
 class FeaturizerFactory(Protocol):
     name: str

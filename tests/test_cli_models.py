@@ -177,6 +177,16 @@ def test_real_files_store_and_catalog_agree(dr10, capsys):
     np.testing.assert_array_equal(a["obsid"], b["obsid"])
     for lab in LABELS:  # featurized on the fly with the manifest's featurizer: the same numbers
         np.testing.assert_allclose(a[lab], b[lab], rtol=1e-5)
+    code, out, err = run_cli(["predict", d / "m", *files, "-o", d / "t1.fits", "--threads", 1, "--quiet"], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["predict", d / "m", *files, "-o", d / "t3.fits", "--threads", 3, "--quiet"], capsys)
+    assert code == 0, err
+    t1, _ = _table(d / "t1.fits")
+    t3, _ = _table(d / "t3.fits")
+    for col in ("obsid", "snr", "flags"):  # featurizing threads change nothing
+        np.testing.assert_array_equal(t1[col], t3[col])
+    for lab in LABELS:  # (torch's own thread count may reorder sums in the MLP)
+        np.testing.assert_allclose(t1[lab], t3[lab], rtol=1e-6)
     # the labels catalog (a `file` column relative to it) as input: row for row, columns appended
     _fails(capsys, ["predict", d / "m", src / "labels.csv", "-o", d / "cat.fits"], code_expected=2,
            match="--prefix")

@@ -109,7 +109,8 @@ def test_equal_to_single_process(client, inputs, single, tmp_path):
     summary = run_featurize([str(inputs["list"])], out, dask=client, dask_partition=PER_PART, **_kwargs(inputs))
     _assert_same_store(ref, out)
     dk = summary.pop("dask")
-    assert summary == {**ref_summary, "output": str(out)}
+    local_only = ("workers", "threads")  # how the single-process run ran; the cluster's are in dk
+    assert summary == {**{k: v for k, v in ref_summary.items() if k not in local_only}, "output": str(out)}
     n_parts = -(-inputs["n_files"] // PER_PART)
     assert dk["partitions"] == dk["computed"] == n_parts and dk["reused"] == dk["retried"] == 0
     assert dk["workers"] == 2 and dk["workers_used"] == 2

@@ -128,7 +128,7 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, shared, monkeypatc
     clean = tmp_path / "clean.h5"
     run_featurize(args, clean)
 
-    real = pipeline._run_file
+    real = pipeline.input_digest  # called once per file, as the file's results are handed over
     calls = {"n": 0}
 
     def flaky(path, **kw):
@@ -137,7 +137,7 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, shared, monkeypatc
             raise KeyboardInterrupt
         return real(path, **kw)
 
-    monkeypatch.setattr(pipeline, "_run_file", flaky)
+    monkeypatch.setattr(pipeline, "input_digest", flaky)
     out = tmp_path / "resumed.h5"
     with pytest.raises(KeyboardInterrupt):
         run_featurize(args, out)

@@ -13,23 +13,26 @@ from stxcli.protocols import FeatureBatch
 from stxcli.spectra import SpectrumMeta
 
 
-def _fake_featurize_file(calls):
-    def featurize_file(path, feat, *, format=None, chunk_size=1024, rv_lookup=None):
-        calls.append((Path(path).name, chunk_size))
-        total = 7 if Path(path).name == "a.fits" else 3
-        for s in range(0, total, chunk_size):
-            n = min(chunk_size, total - s)
-            m = SpectrumMeta.empty(n, "desi", str(path), s)
-            m.extra["targetid"] = np.arange(s, s + n, dtype=np.int64) + (1000 if total == 7 else 2000)
-            x = np.arange(s, s + n, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
-            q = {"snr": np.full(n, 10.0 + s, np.float32), "flags": np.full(n, s, np.int32)}
-            yield FeatureBatch(x, x + 1, q, m)
-    return featurize_file
+def _fake_featurize_files(calls):
+    """featurize_files' stream for a.fits (7 spectra) and b.fits (3), ``chunk_size`` per batch."""
+    def featurize_files(paths, feat, *, format=None, chunk_size=1024, rv_lookup=None, threads=1):
+        for path in paths:
+            calls.append((Path(path).name, chunk_size))
+            yield pipeline.FileStart(Path(path), None)
+            total = 7 if Path(path).name == "a.fits" else 3
+            for s in range(0, total, chunk_size):
+                n = min(chunk_size, total - s)
+                m = SpectrumMeta.empty(n, "desi", str(path), s)
+                m.extra["targetid"] = np.arange(s, s + n, dtype=np.int64) + (1000 if total == 7 else 2000)
+                x = np.arange(s, s + n, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+                q = {"snr": np.full(n, 10.0 + s, np.float32), "flags": np.full(n, s, np.int32)}
+                yield FeatureBatch(x, x + 1, q, m)
+    return featurize_files
 
 
 def test_file_chunks_read_small_batches_and_group_them_per_file(monkeypatch):
     calls: list = []
-    monkeypatch.setattr(pipeline, "featurize_file", _fake_featurize_file(calls))
+    monkeypatch.setattr(pipeline, "featurize_files", _fake_featurize_files(calls))
     monkeypatch.setattr(P, "READ_ROWS", 2)
     chunks = list(P.file_chunks([Path("a.fits"), Path("b.fits")], feat=None, fmt=None, chunk_rows=3))
     assert calls == [("a.fits", 2), ("b.fits", 2)]  # min(chunk_rows, READ_ROWS) spectra per read

@@ -53,22 +53,28 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
                   labels: Path | None = None, id_column: str = "id",
                   label_columns: list[str] | None = None, match_by: str = "id",
                   rv_column: str | None = None, workers: int = 1, chunk_size: int = 256,
-                  dask: Any = None, dask_partition: int | None = None, dask_retries: int = 2) -> dict[str, Any]:
+                  threads: int | None = None, dask: Any = None, dask_partition: int | None = None, dask_retries: int = 2) -> dict[str, Any]:
     """Featurize ``inputs`` into the store ``output``; return the summary. Programmatic API of
     ``stx featurize`` (the demo and the tests call it).
 
     ``dask``: a scheduler address, ``"local"`` / ``"local:N"`` (a LocalCluster), or an open
     ``distributed.Client``; the files are then featurized in partitions on that cluster (see
-    :mod:`stxcli.distributed`) and the store equals the single-process one."""
+    :mod:`stxcli.distributed`) and the store equals the single-process one.
+
+    ``threads``: batches transformed at once in each process (thread-safe featurizers only; the
+    store does not depend on it); None = the usable cores shared by the ``workers``."""
     import numpy as np
 
-    from ..pipeline import INPUT_DIGEST, build_featurizer, expand_inputs, join_labels, map_files, read_catalog
+    from ..pipeline import (INPUT_DIGEST, build_featurizer, default_threads, expand_inputs, join_labels, map_files,
+                            read_catalog)
     from ..store import StoreWriter, featurizer_key
 
     if match_by not in ("id", "file"):
         raise UsageError(f"--match-by must be 'id' or 'file', got {match_by!r}")
     if workers < 1:
         raise UsageError("--workers must be >= 1")
+    if threads is not None and threads < 1:
+        raise UsageError("--threads must be >= 1")
     if dask is not None and workers > 1:
         raise UsageError("--workers and --dask exclude each other; use --dask local:N for N local workers")
     output = Path(output)
@@ -121,6 +127,7 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
         done = []
     done_paths = {d["path"] for d in done}
     todo = [p for p in paths if str(p) not in done_paths]
+    n_threads = threads if threads is not None else default_threads(workers)
     readers: dict[str, int] = {}
     notes: list[str] = []
     ok = False
@@ -129,7 +136,7 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
         with console.progress("featurize", total=len(paths)) as bar:
             bar.advance(len(paths) - len(todo))
             for res in map_files(todo, feat.name, fconfig, format=format, chunk_size=chunk_size,
-                                 workers=workers, rv_lookup=rv_lookup):
+                                 workers=workers, rv_lookup=rv_lookup, threads=n_threads):
                 start = writer.n
                 for fb in res.batches:
                     writer.append(fb)
@@ -182,7 +189,9 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
     import os
 
     os.replace(partial, output)
-    return _summarize(output, int(len(ids)), len(paths), feat, readers, label_columns, n_match, checksum, notes)
+    summary = _summarize(output, int(len(ids)), len(paths), feat, readers, label_columns, n_match, checksum, notes)
+    summary["workers"], summary["threads"] = workers, n_threads
+    return summary
 
 
 def _summarize(output: Path, n_spectra: int, n_files: int, feat: Any, readers: dict[str, int],
@@ -222,7 +231,8 @@ def register(app: typer.Typer) -> None:
         label_columns: str = typer.Option("teff,logg,feh", "--label-columns", help="Comma-separated catalog columns to store as labels."),
         match_by: str = typer.Option("id", "--match-by", help="'id': catalog ids equal spectrum ids (OBSID, TARGETID); 'file': catalog holds file names."),
         rv_column: Optional[str] = typer.Option(None, "--rv-column", help="Catalog column with radial velocities (km/s) used for the rest frame."),
-        workers: int = typer.Option(1, "--workers", "-j", help="Worker processes (parallel over files)."),
+        workers: int = typer.Option(1, "--workers", "-j", help="Worker processes (parallel over files; best for many one-spectrum files such as LAMOST or MILES)."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="Batches featurized at once in each process, in threads (parallel within and across files; best for DESI coadds). Default: the usable CPU cores divided by --workers. The store does not depend on it."),
         chunk_size: int = typer.Option(256, "--chunk-size", help="Spectra per batch when reading large files (memory ~0.3 MB per spectrum in a batch)."),
         dask: Optional[str] = typer.Option(None, "--dask", help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or local[:N] for N local worker processes. Needs the extra stx[dask]; the parts folder beside the output must be visible to every worker."),
         dask_partition: Optional[int] = typer.Option(None, "--dask-partition", help="Files per Dask partition (default: about 64 partitions, at most 64 files each)."),
@@ -245,7 +255,7 @@ def register(app: typer.Typer) -> None:
         summary = run_featurize(inputs, output, featurizer=featurizer, settings=parse_settings(settings),
                                 format=format, labels=labels, id_column=id_column, label_columns=cols,
                                 match_by=match_by, rv_column=rv_column, workers=workers, chunk_size=chunk_size,
-                                dask=dask, dask_partition=dask_partition, dask_retries=dask_retries)
+                                threads=threads, dask=dask, dask_partition=dask_partition, dask_retries=dask_retries)
         console.print_summary("featurize", summary, json_out)
 
     store_app = typer.Typer(help="Inspect and combine feature stores.", no_args_is_help=True)

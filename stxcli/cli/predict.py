@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         format: Optional[str] = typer.Option(None, "--format", help="Force a reader for survey files."),
         chunk_size: int = typer.Option(4096, "--chunk-size", help="Spectra per chunk (memory stays flat)."),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+        threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads: torch's, and batches featurized at once when predicting from survey files (default: torch's choice; featurizing uses the usable cores)."),
         path_column: Optional[str] = typer.Option(None, "--path-column", help="Input catalog: column of spectrum paths (default: path, file, filename, ...)."),
         row_column: Optional[str] = typer.Option(None, "--row-column", help="Input catalog: row of the spectrum in its file (default: row, source_row)."),
         targetid_column: Optional[str] = typer.Option(None, "--targetid-column", help="Input catalog: TARGETID column matched against DESI files."),

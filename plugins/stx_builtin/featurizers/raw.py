@@ -55,6 +55,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,11 @@ CONTINUUM_MODES = ("spline", "none")
 #: Continuum iterations of the observed-frame pass used only for the RV cross-correlation.
 _RV_CONT_ITER = 3
 _CACHE_MAX = 64
+#: Guards every lazily built cache (grids, kernels, rebinning matrices, continuum model, RV
+#: templates and bank): ``transform`` may run in several threads at once (``thread_safe``), and
+#: a half-built entry or the pair (bank, telluric mask) must never be seen by another thread.
+#: Module-level, not per instance, so the featurizer stays picklable; builds are rare.
+_BUILD_LOCK = threading.RLock()
 
 
 @dataclass
@@ -132,6 +138,10 @@ class RawFeaturizer:
     description = ("rest-frame, resolution-matched, flux-conserving resampled, continuum-normalised "
                    "flux on a log-lambda grid")
     needs_resolution = False
+    #: ``transform`` may be called from several threads at once (each call works on its own
+    #: arrays; the caches are filled under :data:`_BUILD_LOCK`), so ``stx featurize --threads``
+    #: runs batches in parallel.
+    thread_safe = True
 
     def __init__(
         self,
@@ -478,13 +488,14 @@ class RawFeaturizer:
 
     def _grid(self, wave: np.ndarray) -> L.InputGrid:
         key = _key(wave)
-        grid = self._grids.get(key)
-        if grid is None:
-            try:
-                grid = L.describe_grid(wave)
-            except ValueError as exc:
-                raise StxError(f"raw featurizer: {exc}") from exc
-            _put(self._grids, key, grid)
+        with _BUILD_LOCK:
+            grid = self._grids.get(key)
+            if grid is None:
+                try:
+                    grid = L.describe_grid(wave)
+                except ValueError as exc:
+                    raise StxError(f"raw featurizer: {exc}") from exc
+                _put(self._grids, key, grid)
         return grid
 
     def _source_r(self, arm: Arm, grid: L.InputGrid) -> np.ndarray:
@@ -526,10 +537,11 @@ class RawFeaturizer:
             return f2, g2, v2, 0
         r_src = self._source_r(arm, grid)
         key = _key(grid.wave, r_src, np.array([self.target_r]))
-        if key not in self._degraders:
-            sigma = L.kernel_sigma(grid.wave, r_src, self.target_r)
-            _put(self._degraders, key, L.build_degrader(grid, sigma))
-        deg = self._degraders[key]
+        with _BUILD_LOCK:
+            if key not in self._degraders:
+                sigma = L.kernel_sigma(grid.wave, r_src, self.target_r)
+                _put(self._degraders, key, L.build_degrader(grid, sigma))
+            deg = self._degraders[key]
         nominal = int(self.use_resolution_matrix)  # asked for the matrix, the arm had none
         if deg is None:
             return f, g, vv, nominal
@@ -557,12 +569,13 @@ class RawFeaturizer:
             if j1 <= j0:
                 continue
             key = _key(pc.grid.wave, self._edges[j0: j1 + 1])
-            mats = self._zero_mats.get(key)
-            if mats is None:
-                o = L.resample_matrix(pc.grid, self._edges[j0: j1 + 1])
-                covered = (o @ pc.grid.width.astype(np.float32)).astype(np.float32)[:, None]
-                mats = (o, o.multiply(o).tocsr(), covered)
-                _put(self._zero_mats, key, mats)
+            with _BUILD_LOCK:
+                mats = self._zero_mats.get(key)
+                if mats is None:
+                    o = L.resample_matrix(pc.grid, self._edges[j0: j1 + 1])
+                    covered = (o @ pc.grid.width.astype(np.float32)).astype(np.float32)[:, None]
+                    mats = (o, o.multiply(o).tocsr(), covered)
+                    _put(self._zero_mats, key, mats)
             o, o2, covered = mats
             num, vnum = o @ pc.a, o2 @ pc.v
             den = covered if pc.b is None else o @ pc.b
@@ -625,20 +638,23 @@ class RawFeaturizer:
                 pass
 
     def _model(self) -> L.ContinuumModel:
-        if self._cont_model is None:
-            self._cont_model = L.build_continuum_model(np.log10(self._wave), self.cont_knot_dlog, self.cont_bin)
-        return self._cont_model
+        with _BUILD_LOCK:
+            if self._cont_model is None:
+                self._cont_model = L.build_continuum_model(np.log10(self._wave), self.cont_knot_dlog, self.cont_bin)
+            return self._cont_model
 
     def _bank(self) -> L.CcfBank:
         """The RV templates shifted by every lag (telluric bands left out), built once."""
-        if self._ccf_bank is None:
-            tell = np.zeros(self.dim, bool)
-            for lo, hi in L.TELLURIC_BANDS:
-                tell |= (self._wave >= lo) & (self._wave <= hi)
-            max_lag = int(math.ceil(math.log10(1.0 + self.rv_max_kms / C_KMS) / self.dlog)) + 1
-            self._ccf_bank = L.ccf_bank(self._templates(), max_lag, off=tell)
-            self._tell = tell
-        return self._ccf_bank
+        with _BUILD_LOCK:
+            if self._ccf_bank is None:
+                tell = np.zeros(self.dim, bool)
+                for lo, hi in L.TELLURIC_BANDS:
+                    tell |= (self._wave >= lo) & (self._wave <= hi)
+                max_lag = int(math.ceil(math.log10(1.0 + self.rv_max_kms / C_KMS) / self.dlog)) + 1
+                bank = L.ccf_bank(self._templates(), max_lag, off=tell)
+                self._tell = tell  # before the bank: a thread that sees the bank sees its mask
+                self._ccf_bank = bank
+            return self._ccf_bank
 
     def _continuum(self, flux: np.ndarray, ivar: np.ndarray, n_iter: int) -> np.ndarray:
         return L.fit_continuum(self._model(), flux, ivar > 0, n_iter, self.cont_clip_lo, self.cont_clip_hi,

@@ -1,0 +1,200 @@
+"""Featurizing with threads (``stx featurize --threads``, ``pipeline.transform_stream``): the same
+features in the same order as one thread, errors surface, BLAS limits are restored, and a
+featurizer that does not declare itself thread-safe is never called from two threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from stxcli import pipeline
+from stxcli.cli.featurize import run_featurize
+from stxcli.pipeline import FileStart, build_featurizer, featurize_file, featurize_files, transform_stream
+from stxcli.protocols import FeatureBatch
+from stxcli.store import FeatureStore
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def mixed_files(shared):
+    """A DESI coadd (several batches at chunk 2) between one-spectrum LAMOST files."""
+    lam = sorted((shared / "lamost-dr10" / "spectra").glob("*.fits.gz"))[:3]
+    desi = shared / "desi-edr" / "coadd-sv3-dark-26065.fits"
+    return [lam[0], desi, lam[1], lam[2]]
+
+
+def _stream(paths, threads, chunk=2):
+    feat = build_featurizer("raw", {})
+    out = []
+    for item in featurize_files(paths, feat, chunk_size=chunk, threads=threads):
+        out.append(("file", item.path.name) if isinstance(item, FileStart) else item)
+    return out
+
+
+def test_threads_give_the_same_stream_as_one(mixed_files):
+    one = _stream(mixed_files, 1)
+    many = _stream(mixed_files, 3)
+    assert len(one) == len(many) and len(one) > len(mixed_files) + 2  # the coadd is several batches
+    for a, b in zip(one, many):
+        if isinstance(a, tuple):
+            assert a == b
+            continue
+        assert isinstance(b, FeatureBatch)
+        assert list(a.meta.ids) == list(b.meta.ids)
+        np.testing.assert_array_equal(a.features, b.features)
+        np.testing.assert_array_equal(a.ivar, b.ivar)
+        for k in a.quality:
+            np.testing.assert_array_equal(a.quality[k], b.quality[k])
+    assert [x for x in one if isinstance(x, tuple)] == [("file", p.name) for p in mixed_files]
+
+
+def test_store_does_not_depend_on_threads(mixed_files, tmp_path, capsys):
+    sums = {}
+    for t in (1, 2):
+        out = tmp_path / f"t{t}.h5"
+        code, o, err = run_cli(["featurize", *mixed_files, "-o", out, "--threads", t, "--chunk-size", 3,
+                                "--json", "-q"], capsys)
+        assert code == 0, err
+        import json
+
+        summary = json.loads(o)
+        assert summary["threads"] == t and summary["workers"] == 1
+        sums[t] = summary["checksum"]
+        with FeatureStore.open(out) as st:
+            assert st.checksum == summary["checksum"]
+    assert sums[1] == sums[2]
+
+
+def test_threads_must_be_positive(mixed_files, tmp_path, capsys):
+    code, _, err = run_cli(["featurize", mixed_files[0], "-o", tmp_path / "x.h5", "--threads", 0], capsys)
+    assert code == 2 and "--threads must be >= 1" in err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_default_threads_share_the_cores_among_workers(monkeypatch):
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 8)
+    assert pipeline.default_threads(1) == 8
+    assert pipeline.default_threads(3) == 2
+    assert pipeline.default_threads(16) == 1
+
+
+class _Batchy:
+    """Stands in for a SpectrumBatch-consuming featurizer: records the calling threads."""
+
+    name, version, needs_resolution = "batchy", "0", False
+
+    def __init__(self, thread_safe, fail_at=None):
+        self.thread_safe = thread_safe
+        self.fail_at = fail_at
+        self.threads: set[int] = set()
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def transform(self, batch):
+        with self.lock:
+            self.calls += 1
+            k = self.calls
+        self.threads.add(threading.get_ident())
+        if self.fail_at is not None and k == self.fail_at:
+            raise ValueError(f"batch {k} is bad")
+        return batch.meta.source_row.copy()
+
+
+def _batches(shared, n_rows=12, chunk=2):
+    from stxcli.registry import get_registry
+
+    reader = get_registry().get("reader", "desi")
+    path = shared / "desi-edr" / "coadd-sv3-dark-26065.fits"
+    return list(reader.read(path, chunk_size=chunk)), path
+
+
+def test_not_thread_safe_runs_inline(shared):
+    batches, _ = _batches(shared)
+    feat = _Batchy(thread_safe=False)
+    out = list(transform_stream(feat, batches, threads=4))
+    assert feat.threads == {threading.get_ident()}
+    np.testing.assert_array_equal(np.concatenate(out), np.concatenate([b.meta.source_row for b in batches]))
+
+
+def test_thread_safe_runs_on_the_pool_in_order(shared):
+    batches, _ = _batches(shared, chunk=1)
+    feat = _Batchy(thread_safe=True)
+    items = ["start", *batches, "middle", *batches, "end"]
+    out = list(transform_stream(feat, items, threads=3))
+    assert threading.get_ident() not in feat.threads and len(feat.threads) >= 1
+    assert out[0] == "start" and out[len(batches) + 1] == "middle" and out[-1] == "end"
+    rows = [b.meta.source_row for b in batches]
+    for got, want in zip(out[1:len(batches) + 1] + out[len(batches) + 2:-1], rows + rows):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_error_in_a_thread_surfaces_in_order(shared):
+    batches, _ = _batches(shared, chunk=1)
+    feat = _Batchy(thread_safe=True, fail_at=3)
+    got = []
+    with pytest.raises(ValueError, match="batch 3 is bad"):
+        for x in transform_stream(feat, batches, threads=2):
+            got.append(x)
+    assert len(got) == 2  # the two batches before the bad one, nothing after it
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return {(i["filepath"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+class _BlasSpy(_Batchy):
+    def transform(self, batch):
+        self.seen = getattr(self, "seen", []) + [{n for _, n in _blas_threads()}]
+        return super().transform(batch)
+
+
+def test_blas_at_one_thread_in_the_pool_and_restored_after(shared):
+    from threadpoolctl import threadpool_limits
+
+    batches, _ = _batches(shared, chunk=1)
+    with threadpool_limits(limits=2, user_api="blas"):  # a known starting point on any machine
+        before = _blas_threads()
+        for threads in (1, 3):
+            feat = _BlasSpy(thread_safe=True)
+            out = list(transform_stream(feat, batches, threads=threads))
+            assert len(out) == len(batches)
+            assert feat.seen and all(s == {1} for s in feat.seen)
+            assert _blas_threads() == before  # restored, also after the pool's threads
+
+
+def test_featurize_file_threads_equal(shared):
+    feat = build_featurizer("raw", {})
+    path = shared / "desi-edr" / "coadd-sv3-dark-26065.fits"
+    a = np.concatenate([fb.features for fb in featurize_file(path, feat, chunk_size=2)])
+    b = np.concatenate([fb.features for fb in featurize_file(path, feat, chunk_size=2, threads=2)])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_threaded_run_resumes(tmp_path, shared, monkeypatch):
+    from stxcli import console
+
+    console.set_quiet(True)
+    files = sorted((shared / "lamost-dr10" / "spectra").glob("*.fits.gz"))[:5]
+    args = [str(p) for p in files]
+    clean = run_featurize(args, tmp_path / "clean.h5", threads=1)
+    real = pipeline.input_digest
+    calls = {"n": 0}
+
+    def flaky(path, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(path, **kw)
+
+    monkeypatch.setattr(pipeline, "input_digest", flaky)
+    out = tmp_path / "t.h5"
+    with pytest.raises(KeyboardInterrupt):
+        run_featurize(args, out, threads=3)
+    monkeypatch.setattr(pipeline, "input_digest", real)
+    again = run_featurize(args, out, threads=3)
+    assert again["checksum"] == clean["checksum"]
