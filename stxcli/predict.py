@@ -81,6 +81,24 @@ def _columns_from(ids: np.ndarray, meta: dict[str, Any], n: int) -> dict[str, np
     return cols
 
 
+#: rows of a store's ids, meta and quality columns read at once when predicting (a few MB)
+META_ROWS = 65536
+
+
+def chunk_bounds(n: int, chunk_rows: int, runs: Sequence[tuple[int, int, int]] | None = None
+                 ) -> Iterator[tuple[int, int]]:
+    """``[s, e)`` row ranges of at most ``chunk_rows`` covering ``0..n`` in order, none crossing
+    the end of one of ``runs`` (``(row0, row1, offset)``, as :meth:`FeatureStore.runs`)."""
+    ends = sorted({r1 for _, r1, _ in runs or ()} | {n})
+    s, k = 0, 0
+    while s < n:
+        while ends[k] <= s:
+            k += 1
+        e = min(s + chunk_rows, ends[k])
+        yield s, e
+        s = e
+
+
 def store_chunks(path: Path, model: Any, chunk_rows: int) -> Iterator[Chunk]:
     from .store import FeatureStore
     from .train import StoreSource, check_featurizer
@@ -91,17 +109,30 @@ def store_chunks(path: Path, model: Any, chunk_rows: int) -> Iterator[Chunk]:
         if src.dim != model.input_dim:
             raise ModelFileError(f"{path}: {src.dim} features, model {model.mdir.path} expects {model.input_dim}")
         st: FeatureStore = src.store
-        # one feature buffer for the whole store: each chunk is consumed before the next is read
-        buf = np.empty((min(chunk_rows, max(st.n, 1)), st.dim), dtype=np.float32)
-        ibuf = np.empty_like(buf) if getattr(model, "needs_ivar", False) else None
-        for s in range(0, st.n, chunk_rows):
-            e = min(s + chunk_rows, st.n)
-            x = st.read_into("features", s, e, buf)
+        needs_ivar = getattr(model, "needs_ivar", False)
+        # Features straight from the file's pages where they lie back to back (the model
+        # standardises them into its own buffer: one pass instead of a copy and a pass), chunks
+        # cut at the runs' ends; else one reused buffer (each chunk is consumed before the next).
+        runs = None if needs_ivar else st.runs("features")
+        buf = None if runs else np.empty((min(chunk_rows, max(st.n, 1)), st.dim), dtype=np.float32)
+        ibuf = np.empty((min(chunk_rows, max(st.n, 1)), st.dim), dtype=np.float32) if needs_ivar else None
+        blk_s = blk_e = 0
+        blk: dict[str, Any] = {}
+        for s, e in chunk_bounds(st.n, chunk_rows, runs):
+            x = st.mapped("features", s, e) if runs else None
+            if x is None:
+                if buf is None:
+                    buf = np.empty((min(chunk_rows, max(st.n, 1)), st.dim), dtype=np.float32)
+                x = st.read_into("features", s, e, buf)
             iv = None if ibuf is None else st.read_into("ivar", s, e, ibuf)
-            d = st.read(s, e, fields=("ids", "quality", "meta"), utf8=True)  # the FITS table wants bytes
-            n = len(d["ids"])
-            q = d["quality"]
-            yield Chunk(x, _columns_from(d["ids"], d["meta"], n),
+            if not (blk_s <= s and e <= blk_e):  # a dozen small columns: read many chunks' worth at once
+                blk_s, blk_e = s, min(st.n, s + max(chunk_rows, META_ROWS))
+                blk = st.read(blk_s, blk_e, fields=("ids", "quality", "meta"), utf8=True)  # the FITS table wants bytes
+            a, b = s - blk_s, e - blk_s
+            n = e - s
+            q = {k: v[a:b] for k, v in blk["quality"].items()}
+            meta = {k: v[a:b] for k, v in blk["meta"].items()}
+            yield Chunk(x, _columns_from(blk["ids"][a:b], meta, n),
                         _col(q, "snr", n, np.nan, np.float32), _col(q, "flags", n, 0, np.int32), iv)
     finally:
         src.close()

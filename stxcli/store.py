@@ -318,6 +318,7 @@ class FeatureStore:
         self.close()
 
     def close(self) -> None:
+        self.__dict__.pop("_mm", None)  # views handed out keep their own reference to the map
         if self.f.id.valid:
             self.f.close()
 
@@ -427,6 +428,36 @@ class FeatureStore:
             self.f[field].read_direct(out, np.s_[start:stop], np.s_[0:n])
         return out[:n]
 
+    def runs(self, field: str = "features") -> list[tuple[int, int, int]] | None:
+        """How ``features`` or ``ivar`` lie in the file: ``(row0, row1, byte_offset)`` for each run
+        of rows stored back to back (a chunk layout where consecutive row chunks follow each other;
+        stx's writer appends 2,048 rows at a time, so runs are at least that long), or None when
+        the rows cannot be mapped (filters such as compression, a non-native dtype, an h5py
+        without chunk queries, or a file that is not one plain file on disk)."""
+        cache = self.__dict__.setdefault("_runs", {})
+        if field not in cache:
+            cache[field] = _runs_of(self.f[field])
+        return cache[field]
+
+    def mapped(self, field: str, start: int, stop: int) -> np.ndarray | None:
+        """Rows ``[start, stop)`` of ``features`` or ``ivar`` as a read-only-in-practice view of the
+        file's bytes (memory-mapped copy-on-write: nothing is copied unless written to, and
+        writes never reach the file), or None when they do not lie in one run (:meth:`runs`).
+        A streaming reader (``stx predict``) then standardises straight from the page cache
+        instead of first copying every slab."""
+        runs = self.runs(field)
+        if runs is None or stop <= start:
+            return None
+        for r0, r1, off in runs:
+            if r0 <= start and stop <= r1:
+                mm = self.__dict__.get("_mm")
+                if mm is None:
+                    mm = self.__dict__["_mm"] = np.memmap(self.path, dtype=np.uint8, mode="c")
+                row = self.dim * 4
+                a = off + (start - r0) * row
+                return mm[a: a + (stop - start) * row].view(np.float32).reshape(stop - start, self.dim)
+        return None
+
     def labels(self, names: Sequence[str], start: int = 0, stop: int | None = None) -> np.ndarray:
         """float32 (rows, len(names)); NaN where a label is unknown."""
         missing = [n for n in names if n not in self.f["labels"]]
@@ -460,6 +491,38 @@ class FeatureStore:
             "n_flagged": int((flags != 0).sum()), "labels": labels,
             "n_inputs": len(self.inputs),
         }
+
+
+def _runs_of(ds: Any) -> list[tuple[int, int, int]] | None:
+    """:meth:`FeatureStore.runs` of one (N, D) dataset."""
+    n = int(ds.shape[0])
+    try:
+        if ds.dtype != np.dtype("<f4") or ds.ndim != 2 or ds.file.driver != "sec2" or ds.external:
+            return None
+        if n == 0:
+            return []
+        if ds.chunks is None:  # contiguous layout: one run
+            off = ds.id.get_offset()
+            return None if off is None else [(0, n, int(off))]
+        if ds.compression or ds.shuffle or ds.fletcher32 or ds.scaleoffset is not None \
+                or ds.chunks[1] != ds.shape[1]:
+            return None
+        rows = int(ds.chunks[0])
+        nbytes = rows * int(ds.shape[1]) * 4
+        runs: list[list[int]] = []
+        for i in range(-(-n // rows)):
+            info = ds.id.get_chunk_info_by_coord((i * rows, 0))
+            if info.byte_offset is None or info.size != nbytes or info.filter_mask:
+                return None  # a chunk never written (fill value) or filtered
+            off = int(info.byte_offset)
+            r0, r1 = i * rows, min(n, (i + 1) * rows)
+            if runs and runs[-1][1] == r0 and runs[-1][2] + (r0 - runs[-1][0]) * nbytes // rows == off:
+                runs[-1][1] = r1
+            else:
+                runs.append([r0, r1, off])
+        return [(a, b, c) for a, b, c in runs]
+    except (AttributeError, TypeError, ValueError, KeyError, RuntimeError, OSError):
+        return None
 
 
 def write_store_arrays(path: str | Path, features: np.ndarray, ivar: np.ndarray, ids: Sequence[str],

@@ -84,6 +84,32 @@ def test_pretrain_predict_store_fits(work, base, capsys, tmp_path):
     assert len(_table(tmp_path / "q.fits")[0]) == 420
 
 
+def test_predict_mapped_and_read_paths_agree(work, base, capsys, tmp_path, monkeypatch):
+    """Features mapped from the file (the default) or read through h5py (a compressed copy of
+    the store cannot be mapped), meta read in blocks smaller than a chunk or larger: one catalog."""
+    import h5py
+    import shutil
+
+    import stxcli.predict as P
+
+    comp = tmp_path / "comp.h5"
+    shutil.copy(work / "tgt.h5", comp)
+    with h5py.File(comp, "a") as h:
+        data = h["features"][:]
+        del h["features"]
+        h.create_dataset("features", data=data, chunks=(16, data.shape[1]), compression="gzip")
+    tables = []
+    for store, meta_rows in ((work / "tgt.h5", 65536), (work / "tgt.h5", 7), (comp, 7)):
+        monkeypatch.setattr(P, "META_ROWS", meta_rows)
+        out = tmp_path / f"p{len(tables)}.fits"
+        code, _, err = run_cli(["predict", base, store, "-o", out, "--chunk-size", "30", "--quiet"], capsys)
+        assert code == 0, err
+        tables.append(_table(out)[0])
+    for t in tables[1:]:
+        for col in tables[0].colnames:
+            assert list(t[col]) == list(tables[0][col]), col
+
+
 @pytest.mark.parametrize("adapter", ["residual", "lora", "full", "auto"])
 def test_finetune_each_adapter_then_predict(work, base, capsys, tmp_path, adapter):
     code, out, err = run_cli(["finetune", base, work / "tgt.h5", "--adapter", adapter, "-o", tmp_path / "ft",

@@ -202,3 +202,65 @@ def test_buffered_rows_are_visible_through_f_and_dropped_on_close(tmp_path):
     w.close()  # an aborted run: the buffered batch is not written
     with h5py.File(tmp_path / "a.h5") as h:
         assert h["features"].shape[0] == 4
+
+
+def _store_in_blocks(path, n, d, block, seed=0):
+    """A store written ``block`` rows at a time with row chunks of 4: features and ivar chunks
+    interleave in the file, so the features lie in runs of ``block`` rows."""
+    from stxcli import store as S
+    from stxcli.protocols import FeatureBatch
+    from stxcli.spectra import SpectrumMeta
+
+    rng = np.random.default_rng(seed)
+    f = rng.normal(size=(n, d)).astype(np.float32)
+    old = S.ROW_CHUNK
+    S.ROW_CHUNK = 4
+    try:
+        w = S.StoreWriter(path, featurizer_name="raw", featurizer_version="1", featurizer_config={}, dim=d,
+                          buffer_rows=block)
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            m = SpectrumMeta.empty(e - s, "test", "mem", s)
+            w.append(FeatureBatch(f[s:e], np.ones((e - s, d), np.float32), {"flags": np.zeros(e - s, np.int32)}, m))
+        w.finish()
+    finally:
+        S.ROW_CHUNK = old
+    return f
+
+
+def test_mapped_rows_equal_reads_and_stop_at_runs(tmp_path):
+    p = tmp_path / "runs.h5"
+    f = _store_in_blocks(p, 30, 5, block=12)  # runs [0, 12) [12, 24) [24, 30)
+    with FeatureStore.open(p) as st:
+        runs = st.runs("features")
+        assert [(a, b) for a, b, _ in runs] == [(0, 12), (12, 24), (24, 30)]
+        for s, e in ((0, 12), (3, 9), (12, 24), (25, 30), (29, 30)):
+            v = st.mapped("features", s, e)
+            np.testing.assert_array_equal(v, f[s:e])
+            np.testing.assert_array_equal(v, st.f["features"][s:e])
+        assert st.mapped("features", 10, 14) is None  # crosses a run's end
+        v = st.mapped("features", 0, 4)
+        v[:] = 7.0  # copy-on-write: the file never changes
+    with FeatureStore.open(p) as st:
+        np.testing.assert_array_equal(st.read(0, 4)["features"], f[:4])
+
+
+def test_filtered_or_foreign_layouts_are_not_mapped(tmp_path):
+    p = tmp_path / "a.h5"
+    _store_in_blocks(p, 10, 3, block=10)
+    with h5py.File(p, "a") as h:
+        data = h["features"][:]
+        del h["features"]
+        h.create_dataset("features", data=data, chunks=(4, 3), compression="gzip")
+    with FeatureStore.open(p) as st:
+        assert st.runs("features") is None and st.mapped("features", 0, 2) is None
+        assert st.runs("ivar") is not None
+
+
+def test_chunk_bounds_stop_at_run_ends():
+    from stxcli.predict import chunk_bounds
+
+    assert list(chunk_bounds(10, 4)) == [(0, 4), (4, 8), (8, 10)]
+    runs = [(0, 6, 0), (6, 10, 999)]
+    assert list(chunk_bounds(10, 4, runs)) == [(0, 4), (4, 6), (6, 10)]
+    assert list(chunk_bounds(0, 4, [])) == []
