@@ -272,27 +272,40 @@ class DomainModel:
                          "cc": c @ comp.T, "c2": float(c @ c), "ev": np.asarray(self.eigvals, np.float64)}
         return self._dev
 
+    def projection(self, device: Any) -> torch.Tensor:
+        """The ``(k + 1, D)`` matrix whose product with ``z`` gives :meth:`scores_from`'s ``q``:
+        the components, then the center."""
+        return self._on(device)["a"]
+
     def scores(self, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(d2, resid) per row of ``z``. The two passes over ``z`` run in torch (one skinny matrix
         product gives the projections and z.c; ``|z - c|^2 = z.z - 2 z.c + c.c``); the rest,
         a few numbers per row, in numpy (float64), which costs nothing next to thread
         synchronisation of many small torch operations on a busy machine."""
         t = self._on(z.device)
+        q = torch.nn.functional.linear(z, t["a"])  # (B, k + 1)
+        return self.scores_from(q, torch.linalg.vector_norm(z, dim=1), z.shape[1])
+
+    def scores_from(self, q: torch.Tensor, znorm: torch.Tensor, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(d2, resid) from ``q = z @ projection().T`` (B, k + 1) and the rows' norms |z|."""
+        t = self._on(q.device)
         k = t["ev"].shape[0]
-        q = torch.nn.functional.linear(z, t["a"]).cpu().numpy().astype(np.float64)  # (B, k + 1)
-        zz = torch.linalg.vector_norm(z, dim=1).cpu().numpy().astype(np.float64) ** 2
+        q = q.cpu().numpy().astype(np.float64)
+        zz = znorm.cpu().numpy().astype(np.float64) ** 2
         p = q[:, :k] - t["cc"]
         pp = p * p
         d2 = (pp / t["ev"]).mean(1)
-        resid = np.maximum(zz - 2 * q[:, k] + t["c2"] - pp.sum(1), 0.0) / z.shape[1]
+        resid = np.maximum(zz - 2 * q[:, k] + t["c2"] - pp.sum(1), 0.0) / dim
         return d2, resid
 
     def scores_np(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.scores(torch.from_numpy(np.ascontiguousarray(z, np.float32)))
 
     def outside(self, z: torch.Tensor) -> np.ndarray:
-        d2, r = self.scores(z)
-        return (d2 > self.d2_max) | (r > self.resid_max)
+        return self.outside_scores(*self.scores(z))
+
+    def outside_scores(self, d2: np.ndarray, resid: np.ndarray) -> np.ndarray:
+        return (d2 > self.d2_max) | (resid > self.resid_max)
 
     def tensors(self, prefix: str = "domain.") -> dict[str, np.ndarray]:
         return {f"{prefix}center": self.center, f"{prefix}components": self.components,
@@ -477,6 +490,29 @@ class LoadedModel:
     #: ``error_calibration``, fitted on the validation stars; 1 for models written without it)
     err_scale: np.ndarray | None = None
     _zbuf: torch.Tensor | None = field(default=None, repr=False)
+    _folded: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def _fold(self, device: Any) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The first net's first layer (its head's optional ``first_layer()``) with every domain
+        model's projection appended: ``(weight, bias, width of the first layer)``, or None when
+        the head does not offer it. Built once per device (the nets do not change in predict)."""
+        key = str(device)
+        if key not in self._folded:
+            first = getattr(self.nets[0].head, "first_layer", None)
+            wb = first() if callable(first) and hasattr(self.nets[0].head, "forward_from_first") else None
+            if wb is None or not self.domains:
+                self._folded[key] = None
+            else:
+                w, b = (t.detach().to(device) for t in wb)
+                proj = [dm.projection(device).to(w.dtype) for dm in self.domains]
+                rows = int(w.shape[0]) + sum(p.shape[0] for p in proj)
+                # zero rows up to a multiple of 32 outputs: MKL's product for 512 + 17 outputs took
+                # 1.3x that for 544 (4096 x 3500 rows, 2 threads)
+                pad = torch.zeros(-rows % 32, w.shape[1], dtype=w.dtype, device=w.device)
+                zeros = torch.zeros(rows - int(w.shape[0]) + pad.shape[0], dtype=b.dtype, device=b.device)
+                self._folded[key] = (torch.cat([w, *proj, pad]).contiguous(), torch.cat([b, zeros]),
+                                     int(w.shape[0]))
+        return self._folded[key]
 
     @property
     def label_names(self) -> list[str]:
@@ -524,18 +560,36 @@ class LoadedModel:
             buf = self._zbuf = torch.empty(xt.shape, device=xt.device)
         # every net of one model shares the base's feature standardisation: standardise once
         z = self.nets[0].standardize(xt, out=buf[:n])
+        fold = self._fold(z.device)
         mean = np.empty((n, L))
         var = np.empty((n, L))
+        q = None
         for i, net in enumerate(self.nets):
             cols = [j for j in range(L) if self.label_net[j] == i]
-            if not cols:
+            if not cols and not (i == 0 and fold is not None):
                 continue
-            mu, lv = net.head(z)
-            m, v = combine_members_np(mu.cpu().numpy(), lv.cpu().numpy())
-            mean[:, cols], var[:, cols] = m[:, cols], v[:, cols]
+            if i == 0 and fold is not None:
+                # the first layer and the domain projections in one product: z is read once
+                w, b, h = fold
+                y = torch.nn.functional.linear(z, w, b)
+                q = y[:, h:]
+                mu, lv = net.head.forward_from_first(y[:, :h])
+            else:
+                mu, lv = net.head(z)
+            if cols:
+                m, v = combine_members_np(mu.cpu().numpy(), lv.cpu().numpy())
+                mean[:, cols], var[:, cols] = m[:, cols], v[:, cols]
         ood = np.ones(n, dtype=bool)
-        for dm in self.domains:
-            ood &= dm.outside(z)
+        if q is None:
+            for dm in self.domains:
+                ood &= dm.outside(z)
+        else:
+            znorm = torch.linalg.vector_norm(z, dim=1)
+            at = 0
+            for dm in self.domains:
+                k1 = dm.components.shape[0] + 1
+                ood &= dm.outside_scores(*dm.scores_from(q[:, at:at + k1], znorm, z.shape[1]))
+                at += k1
         value, err = decode_labels(self.specs, mean, var)
         if self.err_scale is not None:
             err *= self.err_scale

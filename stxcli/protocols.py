@@ -162,7 +162,11 @@ class Head(Protocol):
         """A ``torch.nn.Module``: ``forward(x) -> (mean, logvar)``, each ``(K, B, L)``.
 
         Optional on the module: ``forward_hidden(x) -> (mean, logvar, hidden)`` with ``hidden``
-        ``(B, H)`` and an int attribute ``hidden_dim = H`` (the residual adapter can use it)."""
+        ``(B, H)`` and an int attribute ``hidden_dim = H`` (the residual adapter can use it);
+        ``first_layer() -> (weight (F, D), bias (F,)) | None`` and ``forward_from_first(h)``
+        (``h = x @ weight.T + bias``, possibly a strided view) ``-> (mean, logvar)``: the one
+        linear map that reads the input, so ``stx predict`` computes it together with the domain
+        projections in one matrix product instead of reading the features twice."""
 
     def fit(self, module: Any, data: Any) -> dict[str, Any]:
         """Closed-form heads only: fit ``module`` in place from ``data`` (a

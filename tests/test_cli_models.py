@@ -110,6 +110,27 @@ def test_predict_mapped_and_read_paths_agree(work, base, capsys, tmp_path, monke
             assert list(t[col]) == list(tables[0][col]), col
 
 
+def test_folded_first_layer_equals_the_plain_path(work, base):
+    """predict computes the head's first layer and the domain projections in one product: the
+    same values, errors and out-of-domain flags as running the head and the domain scores apart."""
+    from stxcli.model import load_model
+    from stxcli.store import FeatureStore
+
+    with FeatureStore.open(work / "tgt.h5") as st:
+        x = st.read(0, st.n)["features"]
+    x[:5] *= 40.0  # far off the training features: out of the domain
+    model = load_model(base)
+    assert model._fold("cpu") is not None
+    folded = model.predict(x)
+    plain_model = load_model(base)
+    plain_model._folded["cpu"] = None  # the head's own forward and DomainModel.scores
+    plain = plain_model.predict(x)
+    np.testing.assert_allclose(folded["value"], plain["value"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(folded["err"], plain["err"], rtol=1e-5)
+    assert folded["out_of_domain"][:5].all()
+    np.testing.assert_array_equal(folded["out_of_domain"], plain["out_of_domain"])
+
+
 @pytest.mark.parametrize("adapter", ["residual", "lora", "full", "auto"])
 def test_finetune_each_adapter_then_predict(work, base, capsys, tmp_path, adapter):
     code, out, err = run_cli(["finetune", base, work / "tgt.h5", "--adapter", adapter, "-o", tmp_path / "ft",

@@ -321,7 +321,14 @@ def test_predict_equal_to_single_process(client, inputs, model, tmp_path, monkey
     a, ha, pa = _fits_rows(tmp_path / "ref.fits")
     b, hb, pb = _fits_rows(tmp_path / "dask.fits")
     assert a.columns.names == b.columns.names and a.dtype == b.dtype
-    assert a.tobytes() == b.tobytes()  # every value, the row order, the string widths
+    # every value and the row order; predictions to float32 rounding: a matrix product's last
+    # bits may depend on how many rows it takes at once (MKL's blocking), and a partition's
+    # chunks hold other rows than the single-process run's
+    for c in a.columns.names:
+        if a[c].dtype.kind == "f" and c not in ("ra", "dec", "snr"):
+            np.testing.assert_allclose(a[c], b[c], rtol=1e-5, err_msg=c)
+        else:
+            np.testing.assert_array_equal(a[c], b[c], err_msg=c)
     assert {k: ha[k] for k in ha if not k.startswith("T")} == {k: hb[k] for k in hb if not k.startswith("T")}
     assert list(a["survey"][7:12]) == ["desi"] * 5 and len(a) == N_LAMOST + 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dask.fits", "ref.fits"]

@@ -35,6 +35,27 @@ def test_mlp_contract_and_config_round_trip():
     assert float(net(x)[1][0].detach().max()) <= head.logvar_max + 1e-4
 
 
+@pytest.mark.parametrize("ensemble", [1, 3])
+def test_mlp_first_layer_then_the_rest_equals_forward(ensemble):
+    net = make_head("mlp", {"hidden": "12,8", "ensemble": ensemble}).build(10, 2).eval()
+    x = torch.randn(9, 10)
+    w, b = net.first_layer()
+    assert w.shape == (ensemble * 12, 10) and b.shape == (ensemble * 12,)
+    extra = torch.randn(5, 10)  # rows appended after the first layer's (predict's domain projections)
+    y = torch.nn.functional.linear(x, torch.cat([w, extra]), torch.cat([b, torch.zeros(5)]))
+    mean, logvar = net.forward_from_first(y[:, :w.shape[0]])  # a strided view
+    ref_mean, ref_logvar = net(x)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(logvar, ref_logvar)
+
+
+def test_mlp_first_layer_none_without_a_plain_first_linear():
+    assert make_head("mlp", {"hidden": ""}).build(10, 2).first_layer() is None  # no hidden layer
+    net = make_head("mlp", {"hidden": "8"}).build(10, 2)
+    net.members[0].layers[0] = torch.nn.Sequential(torch.nn.Linear(10, 8))  # e.g. an unmerged adapter layer
+    assert net.first_layer() is None
+
+
 @pytest.mark.parametrize("bad", [{"hidden": "a,b"}, {"activation": "nope"}, {"ensemble": 0}, {"dropout": 1.5}])
 def test_mlp_bad_config(bad):
     with pytest.raises(UsageError):

@@ -69,6 +69,27 @@ class MLPNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._split(self._stack([m.out(m.hidden(x)) for m in self.members]))
 
+    def first_layer(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight ``(K*H, D)`` and bias ``(K*H,)`` of every member's first Linear, stacked:
+        ``stx predict`` computes them (and the domain projections) in one matrix product, then
+        :meth:`forward_from_first`. None when a member has no hidden layer or its first layer is
+        not a plain Linear (an unmerged adapter layer)."""
+        firsts = [m.layers[0] if len(m.layers) else None for m in self.members]
+        if any(type(f) is not nn.Linear for f in firsts):
+            return None
+        return torch.cat([f.weight for f in firsts]), torch.cat([f.bias for f in firsts])
+
+    def forward_from_first(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` continued from the first layers' outputs ``h`` (B, K*H) (any strides)."""
+        width = self.members[0].layers[0].out_features
+        outs = []
+        for i, m in enumerate(self.members):
+            x = m.drop(m.act(h[:, i * width:(i + 1) * width]))
+            for layer in m.layers[1:]:
+                x = m.drop(m.act(layer(x)))
+            outs.append(m.out(x))
+        return self._split(self._stack(outs))
+
 
 class RidgeNet(nn.Module):
     """A linear map (fitted in closed form) and one log-variance per label."""
