@@ -222,16 +222,19 @@ class FileStart:
 
 def featurize_files(paths: Sequence[Path], featurizer: Featurizer, *, format: str | None = None,
                     chunk_size: int = 1024, rv_lookup: RvLookup | None = None,
-                    threads: int = 1) -> Iterator[FileStart | FeatureBatch]:
+                    threads: int = 1, readers: dict[Path, Any] | None = None
+                    ) -> Iterator[FileStart | FeatureBatch]:
     """All files' feature batches as one stream, each file's preceded by its :class:`FileStart`:
     with threads the pool keeps working across file boundaries (files of a few batches, or of
-    one spectrum, do not drain it)."""
+    one spectrum, do not drain it). ``readers``: files already identified (a DESI coadd's probe
+    parses ~20 headers), used when ``format`` is not given."""
     _keep_freed_memory()
 
     def items() -> Iterator[Any]:
         reg = get_registry()
         for p in paths:
-            reader = identify(p, reg, format)
+            known = None if format is not None or readers is None else readers.get(Path(p))
+            reader = known if known is not None else identify(p, reg, format)
             yield FileStart(Path(p), reader)
             yield from _read_batches(Path(p), reader, featurizer, chunk_size, rv_lookup)
 

@@ -193,7 +193,7 @@ def _chunk_of(batches: list[Any]) -> Chunk:
 
 
 def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: int,
-                threads: int = 1) -> Iterator[Chunk]:
+                threads: int = 1, readers: dict[Path, Any] | None = None) -> Iterator[Chunk]:
     """Featurize survey files on the fly: read ``READ_ROWS`` spectra at a time (memory stays
     that of a few hundred raw spectra per thread whatever the file holds), ``threads`` batches at
     once (:func:`stxcli.pipeline.transform_stream`), and predict ``chunk_rows`` at a time (within
@@ -202,7 +202,8 @@ def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: i
 
     pending: list[Any] = []
     rows = 0
-    for item in featurize_files(paths, feat, format=fmt, chunk_size=min(chunk_rows, READ_ROWS), threads=threads):
+    for item in featurize_files(paths, feat, format=fmt, chunk_size=min(chunk_rows, READ_ROWS), threads=threads,
+                                readers=readers):
         if isinstance(item, FileStart):
             if pending:
                 yield _chunk_of(pending)
@@ -363,8 +364,10 @@ def header_cards(model: Any) -> dict[str, tuple[Any, str]]:
 # ---------------------------------------------------------------------------------- the command
 
 
-def classify_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path], Path | None]:
-    """(stores, survey files, catalog) from the command's INPUT arguments."""
+def classify_inputs(inputs: Sequence[str], readers: dict[Path, Any] | None = None
+                    ) -> tuple[list[Path], list[Path], Path | None]:
+    """(stores, survey files, catalog) from the command's INPUT arguments; the reader of each
+    FITS file identified on the way goes into ``readers`` when given (not identified twice)."""
     from .pipeline import expand_inputs
     from .registry import get_registry, identify
 
@@ -381,8 +384,10 @@ def classify_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[Path], Path
             catalogs.append(p)
         elif p.is_file() and name.endswith((".fits", ".fit", ".fits.gz")):
             try:
-                identify(p, get_registry())
+                reader = identify(p, get_registry())
                 rest.append(raw)
+                if readers is not None:
+                    readers[p] = reader
             except FormatError:
                 if _is_catalog(p):
                     catalogs.append(p)
@@ -436,7 +441,8 @@ def run_predict(model_path: str | Path, inputs: Sequence[str], output: str | Pat
     if not output.name.lower().endswith((".fits", ".fit")):
         raise UsageError(f"-o {output}: the output is a FITS table (name it .fits)")
     model = load_model(model_path).to(device)
-    stores, files, catalog = classify_inputs(inputs)
+    readers: dict[Path, Any] = {}
+    stores, files, catalog = classify_inputs(inputs, readers)
     t0 = time.perf_counter()
     if catalog is not None:
         n, flag_counts = _predict_catalog(model, catalog, output, format=format, chunk_rows=chunk_rows,
@@ -447,7 +453,8 @@ def run_predict(model_path: str | Path, inputs: Sequence[str], output: str | Pat
             raise UsageError("--prefix applies to an input catalog only")
         feat = model_featurizer(model) if files else None
         n, flag_counts = _predict_stream(model, stores, files, feat, output, format=format,
-                                         chunk_rows=chunk_rows, device=device, threads=feat_threads)
+                                         chunk_rows=chunk_rows, device=device, threads=feat_threads,
+                                         readers=readers)
     dt = time.perf_counter() - t0
     for name, count in flag_counts.items():
         if name in ("OUT_OF_DOMAIN", "OUT_OF_LABEL_RANGE") and count:
@@ -467,12 +474,13 @@ def _count_flags(counts: dict[str, int], flags: np.ndarray) -> None:
 
 
 def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any, output: Path, *,
-                    format: str | None, chunk_rows: int, device: str, threads: int = 1) -> tuple[int, dict[str, int]]:
+                    format: str | None, chunk_rows: int, device: str, threads: int = 1,
+                    readers: dict[Path, Any] | None = None) -> tuple[int, dict[str, int]]:
     def chunks() -> Iterator[Chunk]:
         for s in stores:
             yield from store_chunks(s, model, chunk_rows)
         if files:
-            yield from file_chunks(files, feat, format, chunk_rows, threads)
+            yield from file_chunks(files, feat, format, chunk_rows, threads, readers)
 
     counts: dict[str, int] = {}
     units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}

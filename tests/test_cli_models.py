@@ -210,7 +210,7 @@ def dr10(shared, tmp_path_factory):
     return d, src, files
 
 
-def test_real_files_store_and_catalog_agree(dr10, capsys):
+def test_real_files_store_and_catalog_agree(dr10, capsys, monkeypatch):
     d, src, files = dr10
     code, out, err = run_cli(["pretrain", d / "dr10.h5", "-o", d / "m", "--set", "hidden=8", "--val-frac",
                               "0.25", *FAST, "--quiet"], capsys)
@@ -224,8 +224,16 @@ def test_real_files_store_and_catalog_agree(dr10, capsys):
     np.testing.assert_array_equal(a["obsid"], b["obsid"])
     for lab in LABELS:  # featurized on the fly with the manifest's featurizer: the same numbers
         np.testing.assert_allclose(a[lab], b[lab], rtol=1e-5)
+    import stxcli.pipeline as pipeline
+    import stxcli.registry as registry
+
+    probed = []
+    real_probe = registry.probe_file
+    monkeypatch.setattr(registry, "probe_file", lambda p: probed.append(p) or real_probe(p))
     code, out, err = run_cli(["predict", d / "m", *files, "-o", d / "t1.fits", "--threads", 1, "--quiet"], capsys)
     assert code == 0, err
+    assert len(probed) == len(files)  # each file identified once (classify_inputs hands its readers on)
+    assert pipeline.identify is registry.identify
     code, out, err = run_cli(["predict", d / "m", *files, "-o", d / "t3.fits", "--threads", 3, "--quiet"], capsys)
     assert code == 0, err
     t1, _ = _table(d / "t1.fits")
