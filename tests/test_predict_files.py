@@ -15,7 +15,7 @@ from stxcli.spectra import SpectrumMeta
 
 def _fake_featurize_files(calls):
     """featurize_files' stream for a.fits (7 spectra) and b.fits (3), ``chunk_size`` per batch."""
-    def featurize_files(paths, feat, *, format=None, chunk_size=1024, rv_lookup=None, threads=1):
+    def featurize_files(paths, feat, *, format=None, chunk_size=1024, rv_lookup=None, threads=1, readers=None):
         for path in paths:
             calls.append((Path(path).name, chunk_size))
             yield pipeline.FileStart(Path(path), None)
