@@ -318,7 +318,6 @@ class FeatureStore:
         self.close()
 
     def close(self) -> None:
-        self.__dict__.pop("_mm", None)  # views handed out keep their own reference to the map
         if self.f.id.valid:
             self.f.close()
 
@@ -450,12 +449,11 @@ class FeatureStore:
             return None
         for r0, r1, off in runs:
             if r0 <= start and stop <= r1:
-                mm = self.__dict__.get("_mm")
-                if mm is None:
-                    mm = self.__dict__["_mm"] = np.memmap(self.path, dtype=np.uint8, mode="c")
-                row = self.dim * 4
-                a = off + (start - r0) * row
-                return mm[a: a + (stop - start) * row].view(np.float32).reshape(stop - start, self.dim)
+                # a map of these rows only, gone with the array: mapping the whole file once was as
+                # fast, but every page read stayed in the process (peak RSS 1.6 GB predicting
+                # from a 10^5-spectrum store, against 0.35 GB reading slabs or mapping per slab)
+                return np.memmap(self.path, dtype=np.float32, mode="c", offset=off + (start - r0) * self.dim * 4,
+                                 shape=(stop - start, self.dim))
         return None
 
     def labels(self, names: Sequence[str], start: int = 0, stop: int | None = None) -> np.ndarray:
