@@ -115,9 +115,15 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: the most transform threads chosen by default: each holds a batch of raw spectra in flight
+#: (~100 MB for 256 DESI spectra), and past a few threads the GIL-held steps limit the gain
+MAX_DEFAULT_THREADS = 8
+
+
 def default_threads(workers: int = 1) -> int:
-    """Transform threads per process when not given: the usable cores shared by ``workers``."""
-    return max(1, usable_cores() // max(1, workers))
+    """Transform threads per process when not given: the usable cores shared by ``workers``, at
+    most :data:`MAX_DEFAULT_THREADS`."""
+    return max(1, min(MAX_DEFAULT_THREADS, usable_cores() // max(1, workers)))
 
 
 def _read_batches(path: Path, reader: Any, featurizer: Featurizer, chunk_size: int,

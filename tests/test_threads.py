@@ -79,6 +79,8 @@ def test_default_threads_share_the_cores_among_workers(monkeypatch):
     assert pipeline.default_threads(1) == 8
     assert pipeline.default_threads(3) == 2
     assert pipeline.default_threads(16) == 1
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 64)
+    assert pipeline.default_threads(1) == pipeline.MAX_DEFAULT_THREADS == 8
 
 
 class _Batchy:
@@ -198,3 +200,15 @@ def test_interrupted_threaded_run_resumes(tmp_path, shared, monkeypatch):
     monkeypatch.setattr(pipeline, "input_digest", real)
     again = run_featurize(args, out, threads=3)
     assert again["checksum"] == clean["checksum"]
+
+
+def test_many_small_files_get_a_hint_about_workers(shared, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(pipeline, "usable_cores", lambda: 2)
+    files = sorted((shared / "lamost-dr10-train" / "spectra").glob("*.fits*"))[:64]
+    lst = tmp_path / "files.txt"
+    lst.write_text("\n".join(str(p) for p in files))
+    code, _, err = run_cli(["featurize", lst, "-o", tmp_path / "a.h5"], capsys)
+    assert code == 0, err
+    assert "64 small files" in err and "--workers 2" in err
+    code, _, err = run_cli(["featurize", lst, "-o", tmp_path / "b.h5", "--threads", 2], capsys)
+    assert code == 0 and "small files" not in err  # threads asked for: no hint
