@@ -133,11 +133,15 @@ class StoreWriter:
         self._f = value
         self._pending: list[Any] = []
         self._pending_rows = 0
+        self._features_ds: Any = None
 
     @property
     def n(self) -> int:
-        """Rows appended so far (written or buffered)."""
-        return int(self._f["features"].shape[0]) + self._pending_rows
+        """Rows appended so far (written or buffered). The features dataset is looked up once
+        (a lookup by name costs ~50 us, several times per one-star file)."""
+        if self._features_ds is None:
+            self._features_ds = self._f["features"]
+        return int(self._features_ds.shape[0]) + self._pending_rows
 
     def _append(self, ds_path: str, values: np.ndarray) -> None:
         """Write ``values`` as the last rows of ``ds_path`` (created on first use, earlier rows

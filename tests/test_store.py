@@ -205,8 +205,9 @@ def test_buffered_rows_are_visible_through_f_and_dropped_on_close(tmp_path):
 
 
 def _store_in_blocks(path, n, d, block, seed=0):
-    """A store written ``block`` rows at a time with row chunks of 4: features and ivar chunks
-    interleave in the file, so the features lie in runs of ``block`` rows."""
+    """A store whose features lie in runs of ``block`` rows: features and ivar (row chunks of 4)
+    rewritten ``block`` rows at a time, alternately, with HDF5's chunk cache off (with it, small
+    chunks wait in the cache and are placed together when it is flushed)."""
     from stxcli import store as S
     from stxcli.protocols import FeatureBatch
     from stxcli.spectra import SpectrumMeta
@@ -225,6 +226,14 @@ def _store_in_blocks(path, n, d, block, seed=0):
         w.finish()
     finally:
         S.ROW_CHUNK = old
+    with h5py.File(path, "a", rdcc_nbytes=0) as h:
+        iv = h["ivar"][:]
+        del h["features"], h["ivar"]
+        for name in ("features", "ivar"):
+            h.create_dataset(name, shape=(n, d), dtype="f4", chunks=(4, d))
+        for s in range(0, n, block):
+            h["features"][s:s + block] = f[s:s + block]
+            h["ivar"][s:s + block] = iv[s:s + block]
     return f
 
 
