@@ -152,6 +152,12 @@ def _pooled_transform(featurizer: Featurizer, batch: SpectrumBatch) -> FeatureBa
     return featurizer.transform(batch)  # BLAS limited by transform_stream, in the caller's thread
 
 
+#: batches of fewer spectra are transformed in the calling thread, not on the pool: for files of
+#: one spectrum (LAMOST, MILES) the hand-over and the GIL made 2 threads slower than 1 (143 against
+#: 164-190 files/s on LAMOST DR10)
+MIN_POOLED_ROWS = 16
+
+
 def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int = 1) -> Iterator[Any]:
     """Each :class:`SpectrumBatch` of ``items`` replaced by its features, in order; anything else
     passes through. With ``threads > 1`` and a ``thread_safe`` featurizer, up to ``threads``
@@ -169,6 +175,7 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
     if callable(prepare):
         prepare()  # shared caches built once, not raced for by the first batches
     pending: deque[Any] = deque()
+    pooled: set[Future] = set()  # the futures running on the pool (not those done inline)
     running = 0
     ex = ThreadPoolExecutor(threads, thread_name_prefix="stx-featurize")
     # OpenBLAS at 1 thread while the pool runs (its setting is process-wide), set here once: the
@@ -178,15 +185,26 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
     limit.__enter__()
     try:
         for it in items:
-            if isinstance(it, SpectrumBatch):
-                pending.append(ex.submit(_pooled_transform, featurizer, it))
+            if isinstance(it, SpectrumBatch) and it.n >= MIN_POOLED_ROWS:
+                fut = ex.submit(_pooled_transform, featurizer, it)
+                pooled.add(fut)
+                pending.append(fut)
                 running += 1
+            elif isinstance(it, SpectrumBatch):  # a few spectra: handing them over costs more
+                done: Future = Future()
+                done.set_result(_pooled_transform(featurizer, it))
+                pending.append(done)
             else:
                 pending.append(it)
-            while pending and (running > threads or not isinstance(pending[0], Future)):
+            # hand over, in order: anything at the head that is not still on the pool, and pool
+            # results (waiting for them) while more than ``threads`` run or too much is queued
+            while pending and (running > threads or len(pending) > threads + 1
+                               or not (isinstance(pending[0], Future) and pending[0] in pooled)):
                 head = pending.popleft()
                 if isinstance(head, Future):
-                    running -= 1
+                    if head in pooled:
+                        pooled.discard(head)
+                        running -= 1
                     yield head.result()
                 else:
                     yield head

@@ -248,3 +248,65 @@ def test_wrong_layouts_are_format_errors(shared, tmp_path):
         fits.HDUList([primary, fits.BinTableHDU.from_columns(cols, name="COADD")]).writeto(tmp_path / "noivar.fits")
     with pytest.raises(FormatError, match="noivar.fits.*IVAR"):
         list(READER.read(tmp_path / "noivar.fits"))
+
+
+# ------------------------------------------------------- the raw byte path against astropy's
+
+
+def _every_real_lamost_file(shared):
+    files = []
+    for sub in ("lamost-dr1", "lamost-later", "lamost-dr10"):
+        files += sorted(p for p in (shared / sub).rglob("*.fits*"))
+    files += sorted((shared / "lamost-dr10-train" / "spectra").glob("*.fits*"))[::25]
+    return files
+
+
+def test_raw_path_equals_astropy_path_on_every_layout(shared, monkeypatch):
+    """The reader reads both layouts from the file's bytes (headers scanned without astropy);
+    through astropy it gives the very same batch: arrays, grid, mask and every metadata value."""
+    files = _every_real_lamost_file(shared)
+    assert len(files) > 100
+    raw = {f: read_one(f)[0] for f in files}
+    monkeypatch.setattr(LamostReader, "_read_raw", lambda self, path: None)  # astropy only
+    kinds = set()
+    for f in files:
+        a, b = raw[f], read_one(f)[0]
+        kinds.add("table" if "COADD" in [h.name for h in fits.open(f)] else "image")
+        for x, y in zip(a.arms, b.arms):
+            for name in ("wave", "flux", "ivar", "mask"):
+                u, v = getattr(x, name), getattr(y, name)
+                assert u.dtype == v.dtype and u.shape == v.shape, (f, name)
+                np.testing.assert_array_equal(u, v, err_msg=f"{f} {name}")
+        for name in ("ids", "source_file", "source_row", "ra", "dec", "rv_kms"):
+            np.testing.assert_array_equal(getattr(a.meta, name), getattr(b.meta, name), err_msg=f"{f} {name}")
+        assert a.meta.snr.keys() == b.meta.snr.keys() and a.meta.extra.keys() == b.meta.extra.keys()
+        for d1, d2 in ((a.meta.snr, b.meta.snr), (a.meta.extra, b.meta.extra)):
+            for k in d1:
+                np.testing.assert_array_equal(d1[k], d2[k], err_msg=f"{f} {k}")
+    assert kinds == {"table", "image"}
+
+
+def test_raw_path_declines_what_it_cannot_read(shared, tmp_path):
+    """A COADD column with TSCAL goes to astropy (which applies the scale): None from the raw
+    path, the same spectrum from read()."""
+    src = sorted((shared / "lamost-dr10" / "spectra").glob("*.fits*"))[0]
+    with fits.open(src) as h:
+        hdr0 = h[0].header.copy()
+        for k in ("NAXIS1", "NAXIS2"):  # stray in the real primary header (NAXIS = 0)
+            hdr0.remove(k, ignore_missing=True)
+        t = h["COADD"]
+        cols = []
+        for c in t.columns:
+            v = np.asarray(t.data[c.name])
+            if c.name == "FLUX":
+                cols.append(fits.Column(name=c.name, format=c.format, bscale=2.0, bzero=0.0, array=v))
+            else:
+                cols.append(fits.Column(name=c.name, format=c.format, array=v))
+    dst = tmp_path / "scaled.fits"
+    fits.HDUList([fits.PrimaryHDU(header=hdr0), fits.BinTableHDU.from_columns(cols, name="COADD")]).writeto(dst)
+    with fits.open(dst) as h:
+        assert "TSCAL1" in h["COADD"].header
+    assert READER._read_raw(dst) is None
+    a, b = read_one(src)[1], read_one(dst)[1]
+    np.testing.assert_allclose(b.flux, a.flux, rtol=1e-6)
+    np.testing.assert_array_equal(b.ivar, a.ivar)

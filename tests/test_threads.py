@@ -121,7 +121,8 @@ def test_not_thread_safe_runs_inline(shared):
     np.testing.assert_array_equal(np.concatenate(out), np.concatenate([b.meta.source_row for b in batches]))
 
 
-def test_thread_safe_runs_on_the_pool_in_order(shared):
+def test_thread_safe_runs_on_the_pool_in_order(shared, monkeypatch):
+    monkeypatch.setattr(pipeline, "MIN_POOLED_ROWS", 1)  # the real files' batches are small
     batches, _ = _batches(shared, chunk=1)
     feat = _Batchy(thread_safe=True)
     items = ["start", *batches, "middle", *batches, "end"]
@@ -131,6 +132,50 @@ def test_thread_safe_runs_on_the_pool_in_order(shared):
     rows = [b.meta.source_row for b in batches]
     for got, want in zip(out[1:len(batches) + 1] + out[len(batches) + 2:-1], rows + rows):
         np.testing.assert_array_equal(got, want)
+
+
+def test_small_batches_stay_in_the_calling_thread_and_in_order(shared, monkeypatch):
+    monkeypatch.setattr(pipeline, "MIN_POOLED_ROWS", 2)
+    big, _ = _batches(shared, chunk=2)  # batches of 2, 2 and 1 spectra
+    small = [b for b in big if b.n < 2]
+    assert small and len(small) < len(big)
+    feat = _Batchy(thread_safe=True)
+    items = [*big, "x", *big]
+    out = list(transform_stream(feat, items, threads=2))
+    assert len(out) == len(items) and out[len(big)] == "x"
+    rows = [b.meta.source_row for b in big]
+    for got, want in zip(out[:len(big)] + out[len(big) + 1:], rows + rows):
+        np.testing.assert_array_equal(got, want)
+    assert threading.get_ident() in feat.threads and len(feat.threads) >= 2  # the pool did the rest
+
+
+def test_queue_stays_bounded_behind_a_slow_pool_batch(shared, monkeypatch):
+    """Inline results behind a batch still on the pool do not pile up: when the first result is
+    handed over, at most threads + 2 items have been taken from the input (flat memory over a
+    survey of one-spectrum files)."""
+    import time
+
+    monkeypatch.setattr(pipeline, "MIN_POOLED_ROWS", 2)
+    big, _ = _batches(shared, chunk=2)
+    first, small = big[0], [b for b in big if b.n == 1] * 40
+
+    class Slow(_Batchy):
+        def transform(self, batch):
+            if batch.n >= 2:
+                time.sleep(0.2)
+            return super().transform(batch)
+
+    taken = []
+
+    def items():
+        for i, b in enumerate([first, *small]):
+            taken.append(i)
+            yield b
+
+    gen = transform_stream(Slow(thread_safe=True), items(), threads=2)
+    np.testing.assert_array_equal(next(gen), first.meta.source_row)
+    assert len(taken) <= 2 + 2
+    assert len(list(gen)) == 40
 
 
 def test_an_error_in_a_thread_surfaces_in_order(shared):

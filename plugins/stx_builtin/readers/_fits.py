@@ -417,52 +417,113 @@ def scan_headers(path: Path) -> list[RawHdu]:
     coadd's arrays). A header or data block that runs past the end of the file is a truncated
     file; anything that is not FITS is a corrupt one (both :class:`FormatError`)."""
     path = Path(path)
-    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        def block(pos: int) -> bytes:
+            fh.seek(pos)
+            return fh.read(_BLOCK)
+
+        return _scan(block, path.stat().st_size, path)
+
+
+def scan_buffer(buf: bytes, path: Path) -> list[RawHdu]:
+    """:func:`scan_headers` of a whole FITS file held in memory (e.g. decompressed by
+    :func:`read_file_bytes`); data offsets index ``buf``."""
+    return _scan(lambda pos: buf[pos: pos + _BLOCK], len(buf), Path(path))
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The FITS bytes of ``path``, decompressed once when it is gzip or bzip2; a cut-off or
+    corrupt stream is a :class:`FormatError` (what :func:`_check_compressed_stream` checks)."""
+    import bz2
+    import gzip
+
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file")
+    if path.is_dir():
+        raise FormatError(f"{path}: is a directory, not a spectrum file")
+    raw = path.read_bytes()
+    try:
+        if raw[:2] == b"\x1f\x8b":
+            return gzip.decompress(raw)
+        if raw[:3] == b"BZh":
+            return bz2.decompress(raw)
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise FormatError(f"{path}: truncated or corrupt compressed file ({exc})") from exc
+    return raw
+
+
+def vector_columns(hdu: RawHdu, names: tuple[str, ...]) -> dict[str, tuple[int, int, str]] | None:
+    """``name -> (byte offset in a row, element count, big-endian dtype)`` for the numeric,
+    unscaled (vector or scalar) columns ``names`` of a binary table HDU, or None when one of them
+    is absent, scaled, not numeric or the layout does not add up to NAXIS1 (the caller then
+    reads the file through astropy)."""
+    hdr = hdu.header
+    if str(hdr.get("XTENSION", "")).strip() != "BINTABLE":
+        return None
+    out: dict[str, tuple[int, int, str]] = {}
+    pos = 0
+    for j in range(1, int(hdr.get("TFIELDS", 0)) + 1):
+        m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
+        if m is None:
+            return None
+        rep = int(m.group(1)) if m.group(1) else 1
+        code = m.group(2)
+        name = str(hdr.get(f"TTYPE{j}", "")).strip().upper()
+        if name in names:
+            if code not in _TFORM_DTYPE or f"TSCAL{j}" in hdr or f"TZERO{j}" in hdr:
+                return None
+            out[name] = (pos, rep, _TFORM_DTYPE[code])
+        pos += (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
+    if pos != int(hdr.get("NAXIS1", -1)) or any(n not in out for n in names):
+        return None
+    return out
+
+
+def _scan(block: Any, size: int, path: Path) -> list[RawHdu]:
     hdus: list[RawHdu] = []
     pos = 0
-    with open(path, "rb") as fh:
-        while pos < size:
-            hdr: dict[str, Any] = {}
-            first = True
-            done = False
-            while not done:
-                fh.seek(pos)
-                block = fh.read(_BLOCK)
-                if len(block) < _BLOCK:
-                    raise FormatError(f"{path}: truncated FITS file (header of HDU {len(hdus)} is cut off)")
-                pos += _BLOCK
-                text = block.decode("ascii", errors="replace")
-                for i in range(0, _BLOCK, 80):
-                    card = text[i: i + 80]
-                    key = card[:8].rstrip()
-                    if first:
-                        want = "SIMPLE" if not hdus else "XTENSION"
-                        if key != want:
-                            if hdus:  # bytes after the last HDU that are no HDU: ignored (as astropy)
-                                return hdus
-                            raise FormatError(f"{path}: corrupt or unreadable FITS file (no SIMPLE card)")
-                        first = False
-                    if key == "END":
-                        done = True
-                        break
-                    if card[8:10] == "= " and key not in hdr:
-                        hdr[key] = _card_value(card[10:])
-            try:
-                bitpix = abs(int(hdr["BITPIX"]))
-                naxis = int(hdr["NAXIS"])
-                dims = [int(hdr[f"NAXIS{j}"]) for j in range(1, naxis + 1)]
-            except (KeyError, TypeError, ValueError):
-                raise FormatError(f"{path}: corrupt or unreadable FITS file (HDU {len(hdus)}: bad BITPIX/NAXIS)") from None
-            if hdr.get("GROUPS") is True and dims and dims[0] == 0:
-                dims = dims[1:]
-            n = int(np.prod(dims, dtype=np.int64)) if dims else 0
-            nbytes = bitpix // 8 * int(hdr.get("GCOUNT", 1)) * (int(hdr.get("PCOUNT", 0)) + n) if dims else 0
-            if pos + nbytes > size:
-                raise FormatError(f"{path}: truncated FITS file (data of HDU {len(hdus)} end past the file)")
-            idx = len(hdus)
-            name = str(hdr.get("EXTNAME", "PRIMARY" if idx == 0 else f"HDU{idx}")).strip().upper()
-            hdus.append(RawHdu(idx, name, hdr, pos, nbytes))
-            pos += -(-nbytes // _BLOCK) * _BLOCK
+    while pos < size:
+        hdr: dict[str, Any] = {}
+        first = True
+        done = False
+        while not done:
+            data = block(pos)
+            if len(data) < _BLOCK:
+                raise FormatError(f"{path}: truncated FITS file (header of HDU {len(hdus)} is cut off)")
+            pos += _BLOCK
+            text = bytes(data).decode("ascii", errors="replace")
+            for i in range(0, _BLOCK, 80):
+                card = text[i: i + 80]
+                key = card[:8].rstrip()
+                if first:
+                    want = "SIMPLE" if not hdus else "XTENSION"
+                    if key != want:
+                        if hdus:  # bytes after the last HDU that are no HDU: ignored (as astropy)
+                            return hdus
+                        raise FormatError(f"{path}: corrupt or unreadable FITS file (no SIMPLE card)")
+                    first = False
+                if key == "END":
+                    done = True
+                    break
+                if card[8:10] == "= " and key not in hdr:
+                    hdr[key] = _card_value(card[10:])
+        try:
+            bitpix = abs(int(hdr["BITPIX"]))
+            naxis = int(hdr["NAXIS"])
+            dims = [int(hdr[f"NAXIS{j}"]) for j in range(1, naxis + 1)]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: corrupt or unreadable FITS file (HDU {len(hdus)}: bad BITPIX/NAXIS)") from None
+        if hdr.get("GROUPS") is True and dims and dims[0] == 0:
+            dims = dims[1:]
+        n = int(np.prod(dims, dtype=np.int64)) if dims else 0
+        nbytes = bitpix // 8 * int(hdr.get("GCOUNT", 1)) * (int(hdr.get("PCOUNT", 0)) + n) if dims else 0
+        if pos + nbytes > size:
+            raise FormatError(f"{path}: truncated FITS file (data of HDU {len(hdus)} end past the file)")
+        idx = len(hdus)
+        name = str(hdr.get("EXTNAME", "PRIMARY" if idx == 0 else f"HDU{idx}")).strip().upper()
+        hdus.append(RawHdu(idx, name, hdr, pos, nbytes))
+        pos += -(-nbytes // _BLOCK) * _BLOCK
     if not hdus:
         raise FormatError(f"{path}: FITS file has no HDU")
     return hdus
