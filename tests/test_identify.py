@@ -74,3 +74,38 @@ def test_forced_wrong_reader_fails_with_a_clear_error(shared, registry):
         list(registry.get("reader", "lamost").read(miles))
     with pytest.raises(FormatError, match="HDU 'FIBERMAP' is missing"):
         list(registry.get("reader", "desi").read(miles))
+
+
+def test_scanned_probe_equals_astropy_probe_on_real_files(shared, monkeypatch):
+    """The probe scans header blocks itself and has astropy parse each header's cards: the same
+    HDUs (names, kinds, columns, shapes, every header card) as opening the file with astropy, or
+    None (astropy then probes) for what it leaves to astropy, e.g. tile-compressed HDUs."""
+    import stxcli.registry as R
+
+    files = sorted((shared / "desi-edr").glob("*.fits*"))
+    for sub in ("lamost-dr1", "lamost-later", "lamost-dr10"):
+        files += sorted((shared / sub).rglob("*.fits*"))[:8]
+    files += sorted((shared / "miles" / "spectra").glob("*.fits"))[:8]
+    scanned = {f: R._probe_scanned(f) for f in files}
+    assert sum(v is not None for v in scanned.values()) >= len(files) - 2
+    monkeypatch.setattr(R, "_probe_scanned", lambda path: None)
+    for f, fast in scanned.items():
+        if fast is None:
+            continue
+        ref = R.probe_file(f).hdus
+        assert len(fast) == len(ref), f
+        for a, b in zip(fast, ref):
+            assert (a.index, a.name, a.kind, a.columns, a.shape) == (b.index, b.name, b.kind, b.columns, b.shape), f
+            assert list(a.header.items()) == list(b.header.items()), (f, a.name)
+
+
+def test_scanned_probe_leaves_broken_files_to_astropy(shared, tmp_path):
+    import stxcli.registry as R
+    from _readers_util import truncate
+
+    src = sorted((shared / "lamost-dr10" / "spectra").glob("*.fits*"))[0]
+    cut = truncate(src, tmp_path / src.name)
+    assert R._probe_scanned(cut) is None
+    junk = tmp_path / "junk.fits"
+    junk.write_bytes(b"SIMPLE  =" + b"x" * 100)
+    assert R._probe_scanned(junk) is None

@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 
 from stxcli.errors import FormatError, StxError
+from stxcli.fitsio import BLOCK as _BLOCK  # noqa: F401 - re-exported
+from stxcli.fitsio import RawHdu, read_file_bytes, scan_buffer, scan_headers  # noqa: F401 - re-exported
+from stxcli.fitsio import card_value as _card_value  # noqa: F401 - re-exported
 
 #: Exceptions astropy / gzip / numpy raise on a broken file (converted to FormatError).
 BROKEN_FILE_ERRORS: tuple[type[BaseException], ...] = (
@@ -348,110 +351,7 @@ def median_snr(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray, stride: int
     return snr
 
 
-# ------------------------------------------------------------------ direct header scan (plain files)
-
-_BLOCK = 2880
-
-
-class RawHdu:
-    """One HDU of an uncompressed FITS file found by :func:`scan_headers`: its header keywords
-    (first occurrence, values parsed to bool/int/float/str), where its data start and how many
-    bytes they hold (padding excluded)."""
-
-    __slots__ = ("index", "name", "header", "data_offset", "data_bytes")
-
-    def __init__(self, index: int, name: str, header: dict[str, Any], data_offset: int, data_bytes: int) -> None:
-        self.index = index
-        self.name = name
-        self.header = header
-        self.data_offset = data_offset
-        self.data_bytes = data_bytes
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """numpy order (slowest axis first), as astropy's ``hdu.shape``."""
-        naxis = int(self.header.get("NAXIS", 0))
-        return tuple(int(self.header.get(f"NAXIS{j}", 0)) for j in range(naxis, 0, -1))
-
-    @property
-    def compressed(self) -> bool:
-        return bool(self.header.get("ZIMAGE", False))
-
-
-def _card_value(text: str) -> Any:
-    """The value of a FITS card from column 11 on: a quoted string ('' is a quote; trailing blanks
-    dropped), T/F, an integer, a real (D exponents too), else the raw text."""
-    text = text.lstrip()
-    if text.startswith("'"):
-        out, i = [], 1
-        while i < len(text):
-            j = text.find("'", i)
-            if j < 0:
-                out.append(text[i:])
-                break
-            out.append(text[i:j])
-            if text[j + 1: j + 2] == "'":
-                out.append("'")
-                i = j + 2
-            else:
-                break
-        return "".join(out).rstrip()
-    v = text.split("/", 1)[0].strip()
-    if v == "T":
-        return True
-    if v == "F":
-        return False
-    try:
-        return int(v)
-    except ValueError:
-        pass
-    try:
-        return float(v.replace("D", "E").replace("d", "e"))
-    except ValueError:
-        return v
-
-
-def scan_headers(path: Path) -> list[RawHdu]:
-    """Every HDU's header and data location in an uncompressed FITS file, read block by block
-    with plain file reads: no astropy HDU objects (their setup costs more than reading a DESI
-    coadd's arrays). A header or data block that runs past the end of the file is a truncated
-    file; anything that is not FITS is a corrupt one (both :class:`FormatError`)."""
-    path = Path(path)
-    with open(path, "rb") as fh:
-        def block(pos: int) -> bytes:
-            fh.seek(pos)
-            return fh.read(_BLOCK)
-
-        return _scan(block, path.stat().st_size, path)
-
-
-def scan_buffer(buf: bytes, path: Path) -> list[RawHdu]:
-    """:func:`scan_headers` of a whole FITS file held in memory (e.g. decompressed by
-    :func:`read_file_bytes`); data offsets index ``buf``."""
-    return _scan(lambda pos: buf[pos: pos + _BLOCK], len(buf), Path(path))
-
-
-def read_file_bytes(path: Path) -> bytes:
-    """The FITS bytes of ``path``, decompressed once when it is gzip or bzip2; a cut-off or
-    corrupt stream is a :class:`FormatError` (what :func:`_check_compressed_stream` checks)."""
-    import bz2
-    import gzip
-
-    path = Path(path)
-    if not path.exists():
-        raise FormatError(f"{path}: no such file")
-    if path.is_dir():
-        raise FormatError(f"{path}: is a directory, not a spectrum file")
-    raw = path.read_bytes()
-    try:
-        if raw[:2] == b"\x1f\x8b":
-            return gzip.decompress(raw)
-        if raw[:3] == b"BZh":
-            return bz2.decompress(raw)
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
-        raise FormatError(f"{path}: truncated or corrupt compressed file ({exc})") from exc
-    return raw
-
+# ------------------------------------------------------------------ direct header scan
 
 def vector_columns(hdu: RawHdu, names: tuple[str, ...]) -> dict[str, tuple[int, int, str]] | None:
     """``name -> (byte offset in a row, element count, big-endian dtype)`` for the numeric,
@@ -478,55 +378,6 @@ def vector_columns(hdu: RawHdu, names: tuple[str, ...]) -> dict[str, tuple[int, 
     if pos != int(hdr.get("NAXIS1", -1)) or any(n not in out for n in names):
         return None
     return out
-
-
-def _scan(block: Any, size: int, path: Path) -> list[RawHdu]:
-    hdus: list[RawHdu] = []
-    pos = 0
-    while pos < size:
-        hdr: dict[str, Any] = {}
-        first = True
-        done = False
-        while not done:
-            data = block(pos)
-            if len(data) < _BLOCK:
-                raise FormatError(f"{path}: truncated FITS file (header of HDU {len(hdus)} is cut off)")
-            pos += _BLOCK
-            text = bytes(data).decode("ascii", errors="replace")
-            for i in range(0, _BLOCK, 80):
-                card = text[i: i + 80]
-                key = card[:8].rstrip()
-                if first:
-                    want = "SIMPLE" if not hdus else "XTENSION"
-                    if key != want:
-                        if hdus:  # bytes after the last HDU that are no HDU: ignored (as astropy)
-                            return hdus
-                        raise FormatError(f"{path}: corrupt or unreadable FITS file (no SIMPLE card)")
-                    first = False
-                if key == "END":
-                    done = True
-                    break
-                if card[8:10] == "= " and key not in hdr:
-                    hdr[key] = _card_value(card[10:])
-        try:
-            bitpix = abs(int(hdr["BITPIX"]))
-            naxis = int(hdr["NAXIS"])
-            dims = [int(hdr[f"NAXIS{j}"]) for j in range(1, naxis + 1)]
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: corrupt or unreadable FITS file (HDU {len(hdus)}: bad BITPIX/NAXIS)") from None
-        if hdr.get("GROUPS") is True and dims and dims[0] == 0:
-            dims = dims[1:]
-        n = int(np.prod(dims, dtype=np.int64)) if dims else 0
-        nbytes = bitpix // 8 * int(hdr.get("GCOUNT", 1)) * (int(hdr.get("PCOUNT", 0)) + n) if dims else 0
-        if pos + nbytes > size:
-            raise FormatError(f"{path}: truncated FITS file (data of HDU {len(hdus)} end past the file)")
-        idx = len(hdus)
-        name = str(hdr.get("EXTNAME", "PRIMARY" if idx == 0 else f"HDU{idx}")).strip().upper()
-        hdus.append(RawHdu(idx, name, hdr, pos, nbytes))
-        pos += -(-nbytes // _BLOCK) * _BLOCK
-    if not hdus:
-        raise FormatError(f"{path}: FITS file has no HDU")
-    return hdus
 
 
 def raw_hdu(hdus: list[RawHdu], name: str, path: Path) -> RawHdu:
