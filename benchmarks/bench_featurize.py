@@ -28,6 +28,10 @@ What is timed:
 - ``featurize_rate_live_only``: the coadds above tile the 5 EDR rows, of which 3 are dead fibres
   (ivar 0 everywhere, skipped by the featurizer); this is read + featurize of a coadd of the 2
   live rows only, one process: the cost of a spectrum that has data.
+- ``lamost_files``: ``stx featurize`` of real one-spectrum LAMOST DR10 ``.fits.gz`` files
+  (``../shared/data/lamost-dr10-train``; 400, or 100 with ``--quick``) in one process with 1
+  thread, with the default threads and with 2 worker processes, next to astropy opening each
+  file and reading its COADD table alone (``fits.open`` + the FLUX, IVAR, WAVELENGTH columns).
 - ``peak_memory_mb``: VmHWM of a fresh process running ``stx featurize`` on the 500-spectrum
   coadd vs one running specutils' read.
 The 1-minute load average before and after is recorded: above the core count, other jobs shared
@@ -114,12 +118,45 @@ def read_and_featurize(path: Path, featurizer, threads: int = 1) -> int:
                                                              reader=desi_reader(), threads=threads))
 
 
-def featurize(paths: list[Path], workers: int, out: Path, threads: int = 1) -> int:
+def featurize(paths: list[Path], workers: int, out: Path, threads: int | None = 1) -> int:
     from stxcli import console
     from stxcli.cli.featurize import run_featurize
 
     console.set_quiet(True)
     return run_featurize([str(p) for p in paths], out, workers=workers, threads=threads)["n_spectra"]
+
+
+def read_astropy_lamost(paths: list[Path]) -> int:
+    from astropy.io import fits
+
+    n = 0
+    for p in paths:
+        with fits.open(p) as h:
+            t = h["COADD"].data
+            n += int(np.asarray(t["FLUX"][0]).size > 0 and np.asarray(t["IVAR"][0]).size > 0
+                      and np.asarray(t["WAVELENGTH"][0]).size > 0)
+    return n
+
+
+def lamost_files(n: int, td: Path) -> dict[str, object]:
+    """stx featurize of ``n`` real LAMOST DR10 files (1 thread, default threads, 2 processes)
+    next to astropy's open + read of the same files."""
+    from stxcli.pipeline import default_threads
+
+    paths = sorted((SHARED / "lamost-dr10-train" / "spectra").glob("*.fits*"))[:n]
+    if len(paths) < n:
+        raise RuntimeError(f"expected {n} LAMOST DR10 files, found {len(paths)}")
+    assert read_astropy_lamost(paths[:5]) == 5
+    featurize(paths[:5], 1, td / "warm.h5")
+    t_ast = best_of(lambda: read_astropy_lamost(paths), repeat=2)
+    t1 = best_of(lambda: featurize(paths, 1, td / "l1.h5", threads=1), repeat=2)
+    td_ = best_of(lambda: featurize(paths, 1, td / "ld.h5", threads=None), repeat=2)
+    t2 = best_of(lambda: featurize(paths, 2, td / "l2.h5", threads=1), repeat=2)
+    return {"n_files": n, "astropy_read_files_per_s": n / t_ast, "stx_1_thread_files_per_s": n / t1,
+            "stx_default_files_per_s": n / td_, "default_threads": default_threads(),
+            "stx_2_processes_files_per_s": n / t2, "ratio_1_thread_over_astropy_read": t1 / t_ast,
+            "what": "stx featurize (identify, read, raw featurization, store) against astropy's open "
+                    "and read of the COADD table alone"}
 
 
 def startup(cmd: list[str], repeat: int = 7) -> float:
@@ -167,6 +204,8 @@ def main() -> None:
         t_t2 = best_of(lambda: featurize(files, 1, td / "t2.h5", threads=2), repeat=2)
         t_w2 = best_of(lambda: featurize(files, 2, td / "w2.h5"), repeat=2)
 
+        lam = lamost_files(100 if args.quick else 400, td)
+
         mem_spec = peak_rss_mb(f"from specutils import SpectrumList; "
                                f"sl = SpectrumList.read({str(coadd)!r}, format='DESI coadd')")
         mem_stx = peak_rss_mb("from stxcli import console; console.set_quiet(True)\n"
@@ -201,6 +240,7 @@ def main() -> None:
                            "parallel_speedup": t_w1 / min(t_t2, t_w2), "target_workers2": 3000},
         "featurize_rate_live_only": {"n_spectra": n_per_file, "spectra_per_s": n_per_file / t_live,
                                      "what": "read + featurize, one process, every spectrum with data"},
+        "lamost_files": lam,
         "peak_memory_mb": {"specutils_read": mem_spec, "stx_featurize": mem_stx,
                            "imports_only_baseline": mem_base, "ratio": mem_stx / mem_spec, "target": "< 0.5"},
         "startup": {"python_pass_s": t_pass, "stx_help_s": t_help, "difference_s": t_help - t_pass,

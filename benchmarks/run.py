@@ -130,6 +130,13 @@ def rows_featurize(d: dict[str, Any]) -> list[Row]:
                         f"1 worker {_rate(r['workers1_spectra_per_s'])}", f"{r['parallel_speedup']:.2f}x",
                         f">= {_num(r.get('target_workers2', 3000))} spectra/s",
                         r["workers2_spectra_per_s"] >= r.get("target_workers2", 3000)))
+    r = d.get("lamost_files")
+    if r:
+        rows.append(Row(f"featurize {r['n_files']} LAMOST DR10 files, 1 process",
+                        f"{_num(r['stx_1_thread_files_per_s'])} files/s",
+                        f"astropy open + read alone {_num(r['astropy_read_files_per_s'])} files/s; "
+                        f"2 processes {_num(r['stx_2_processes_files_per_s'])} files/s",
+                        f"{r['ratio_1_thread_over_astropy_read']:.2f}x the time", "", None))
     r = d.get("peak_memory_mb")
     if r:
         rows.append(Row("peak memory, featurize that coadd", f"{r['stx_featurize']:.0f} MB",
