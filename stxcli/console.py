@@ -17,11 +17,20 @@ def set_quiet(quiet: bool) -> None:
     _state["quiet"] = quiet
 
 
+#: width of result tables written to a file or a pipe (rich's default there is 80 columns,
+#: which folded the demo's comparison table into four lines a row); $COLUMNS still rules
+PIPE_WIDTH = 160
+
+
 def out():
     """The stdout console (results only)."""
+    import os
+
     from rich.console import Console
 
-    return Console(file=sys.stdout, soft_wrap=True)
+    piped = not (hasattr(sys.stdout, "isatty") and sys.stdout.isatty())
+    width = PIPE_WIDTH if piped and not os.environ.get("COLUMNS") else None
+    return Console(file=sys.stdout, soft_wrap=True, width=width)
 
 
 def err():
