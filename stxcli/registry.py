@@ -146,6 +146,8 @@ def probe_file(path: Path) -> FileProbe:
 
 
 _XTENSION_KIND = {"IMAGE": "image", "BINTABLE": "bintable", "TABLE": "table"}
+#: the largest gzip file the probe decompresses whole (one-spectrum files are ~0.1-1 MB)
+GZIP_SCAN_MAX_BYTES = 16 << 20
 
 
 def _probe_scanned(path: Path) -> tuple[HduInfo, ...] | None:
@@ -163,6 +165,8 @@ def _probe_scanned(path: Path) -> tuple[HduInfo, ...] | None:
         with open(path, "rb") as fh:
             magic = fh.read(3)
         if magic[:2] == b"\x1f\x8b":
+            if path.stat().st_size > GZIP_SCAN_MAX_BYTES:  # astropy streams it instead of holding it
+                return None
             raw = scan_buffer(read_file_bytes(path), path)
         elif magic == b"SIM":
             raw = scan_headers(path)

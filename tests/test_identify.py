@@ -109,3 +109,13 @@ def test_scanned_probe_leaves_broken_files_to_astropy(shared, tmp_path):
     junk = tmp_path / "junk.fits"
     junk.write_bytes(b"SIMPLE  =" + b"x" * 100)
     assert R._probe_scanned(junk) is None
+
+
+def test_large_gzip_files_are_probed_by_astropy_streaming(shared, tmp_path, monkeypatch):
+    import stxcli.registry as R
+
+    src = sorted((shared / "lamost-dr10" / "spectra").glob("*.fits.gz"))[0]
+    assert R._probe_scanned(src) is not None
+    monkeypatch.setattr(R, "GZIP_SCAN_MAX_BYTES", src.stat().st_size - 1)
+    assert R._probe_scanned(src) is None  # not decompressed whole into memory
+    assert R.probe_file(src).hdu("COADD") is not None
