@@ -125,6 +125,11 @@ class Featurizer(Protocol):
     #   then transform N batches in parallel; for any other featurizer they run one at a time.
     # ``prepare() -> None``: build what does not depend on the input (bases, templates, imports)
     #   once, before worker processes are forked or threads started; must not start threads.
+    # ``identity_config(config) -> dict`` (on the factory): the part of a config that determines
+    #   the numbers, when the config also says where or on what device (the transformer's
+    #   encoder path); stores and models are compared by it (``stxcli.store.featurizer_identity``).
+    # ``front(device)`` / ``front_input()``: for adapters that fine-tune an encoder (see
+    #   :class:`Adapter`).
 
 
 class FeaturizerFactory(Protocol):
@@ -227,6 +232,21 @@ class Adapter(Protocol):
 
     def training_defaults(self) -> dict[str, Any]:
         """Defaults for the fine-tuning loop (``lr``, ``epochs``, ``patience``, ...)."""
+
+    # Optional: adapters that also reach into a featurizer's encoder (``--set target=encoder``
+    # or ``encoder+head``; the built-in ``lora`` and ``full``), looked up with getattr:
+    #
+    # ``targets_encoder: bool`` - True when this configuration trains the encoder too; the
+    #   featurizer must then offer ``front()`` / ``front_input()`` (below).
+    # ``attach_encoder(front) -> front``, ``encoder_param_groups(front)``,
+    #   ``encoder_state_dict(front)``, ``load_encoder_state_dict(front, tensors)``,
+    #   ``merge_encoder(front)``, ``encoder_adapter_config()``: :meth:`attach` ... :meth:`adapter_config`
+    #   for the encoder module; its tensors are saved in the model's ``encoder/`` folder.
+    #
+    # The featurizer side (optional members of :class:`Featurizer`): ``front(device) -> nn.Module``
+    # maps the input features and their ivar ``(B, D)`` to the embedding (differentiable), and
+    # ``front_input() -> dict`` is the featurizer entry (name, version, config) whose features
+    # that module takes (the transformer's: its raw featurizer). Full contract: docs/models.md.
 
 
 class AdapterSelector(Protocol):
