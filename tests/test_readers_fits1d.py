@@ -195,3 +195,59 @@ def test_errors_are_one_line_format_errors(shared, tmp_path):
             list(READER.read(path))
         msg = str(err.value)
         assert str(path) in msg and expected[key] in msg and "\n" not in msg, (key, msg)
+
+
+# ------------------------------------------------------- the raw byte path against astropy's
+
+
+def _batch(path):
+    (b,) = list(Fits1dReader().read(Path(path)))
+    return b
+
+
+def _same_batch(a, b, where):
+    for x, y in zip(a.arms, b.arms):
+        for name in ("wave", "flux", "ivar", "mask"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert u.dtype == v.dtype and u.shape == v.shape, (where, name)
+            np.testing.assert_array_equal(u, v, err_msg=f"{where} {name}")
+        rp_a, rp_b = x.resolving_power, y.resolving_power
+        assert (rp_a is None) == (rp_b is None)
+        if rp_a is not None:
+            np.testing.assert_array_equal(rp_a, rp_b)
+    assert a.meta.survey == b.meta.survey
+    for name in ("ids", "source_file", "source_row", "ra", "dec", "rv_kms"):
+        np.testing.assert_array_equal(getattr(a.meta, name), getattr(b.meta, name), err_msg=f"{where} {name}")
+    for d1, d2 in ((a.meta.snr, b.meta.snr), (a.meta.extra, b.meta.extra)):
+        assert d1.keys() == d2.keys()
+        for k in d1:
+            np.testing.assert_array_equal(d1[k], d2[k], err_msg=f"{where} {k}")
+
+
+def test_raw_path_equals_astropy_path(shared, tmp_path, monkeypatch):
+    """The reader reads the file's bytes itself (headers scanned, the image a numpy view): the
+    very same batch as through astropy, on real MILES stars and on a spectrum with an error HDU."""
+    files = sorted((shared / "miles" / "spectra").glob("*.fits"))[::10]
+    src = files[0]
+    with fits.open(src) as h:
+        flux = h[0].data.astype(np.float32)
+        hdr = h[0].header.copy()
+    with_err = tmp_path / "with_err.fits"
+    fits.HDUList([fits.PrimaryHDU(flux, hdr), fits.ImageHDU(np.full_like(flux, 0.01), name="ERR")]).writeto(with_err)
+    files.append(with_err)
+    assert all(fits1d_mod._raw_hdus(f) is not None for f in files)
+    raw = {f: _batch(f) for f in files}
+    monkeypatch.setattr(fits1d_mod, "_raw_hdus", lambda path: None)  # astropy only
+    for f in files:
+        _same_batch(raw[f], _batch(f), f)
+    assert not raw[with_err].meta.extra["ivar_estimated"][0]
+
+
+def test_raw_path_declines_scaled_images(shared, tmp_path):
+    src = sorted((shared / "miles" / "spectra").glob("*.fits"))[0]
+    with fits.open(src) as h:
+        hdu = fits.PrimaryHDU(h[0].data.astype(np.float64), h[0].header.copy())
+    hdu.scale("int32", bscale=1e-6, bzero=0.0)
+    dst = tmp_path / "scaled.fits"
+    hdu.writeto(dst)
+    assert fits1d_mod._raw_hdus(dst) is None

@@ -49,12 +49,13 @@ from typing import Any
 import numpy as np
 
 from stxcli import console
-from stxcli.errors import FormatError
+from stxcli.errors import FormatError, StxError
 from stxcli.hookspecs import hookimpl
 from stxcli.protocols import PRIORITY_GENERIC, FileProbe, HduInfo
 from stxcli.spectra import Arm, SpectrumBatch, SpectrumMeta, air_to_vacuum
 
-from ._fits import clean_flux_ivar, file_stem, header_float, header_str, median_snr, native_f32, open_fits
+from ._fits import (_BITPIX_DTYPE, clean_flux_ivar, file_stem, header_float, header_str, median_snr, native_f32,
+                    open_fits, read_file_bytes, scan_buffer)
 
 _WAVE_CTYPES = ("WAVE", "AWAV", "LAMBDA", "LINEAR", "WAVELENGTH", "ANGSTROM", "")
 _UNITS = {"": 1.0, "ANGSTROM": 1.0, "ANGSTROMS": 1.0, "A": 1.0, "AA": 1.0, "NM": 10.0, "UM": 1e4,
@@ -104,49 +105,58 @@ class Fits1dReader:
     # ----------------------------------------------------------------------------- read
     def read(self, path: Path, *, chunk_size: int = 1024, with_resolution: bool = False) -> Iterator[SpectrumBatch]:
         path = Path(path)
+        raw = _raw_hdus(path)
+        if raw is not None:
+            yield self._read_hdus(raw, path)
+            return
         with open_fits(path) as hdul:
-            hdu = next((h for h in hdul if h.is_image and h.data is not None and h.data.size > 0), None)
-            if hdu is None:
-                raise FormatError(f"{path}: no image HDU with data")
-            if hdu.data.ndim != 1:
-                raise FormatError(f"{path}: spectrum HDU has shape {hdu.data.shape}, expected a 1-D array")
-            hdr = hdu.header
-            if not _spectral_header_ok(hdr):
-                raise FormatError(
-                    f"{path}: no usable wavelength WCS (need CRVAL1 and CDELT1 or CD1_1; CTYPE1="
-                    f"{header_str(hdr, 'CTYPE1')!r}, CUNIT1={header_str(hdr, 'CUNIT1')!r})"
-                )
-            flux = native_f32(hdu.data)[None, :]
-            npix = flux.shape[1]
-            wave, air_assumed = wcs_wavelength(hdr, npix, path)
-            ivar, estimated = self._ivar(hdul, hdu, flux, path)
-            flux, ivar, mask, n_bad = clean_flux_ivar(flux, ivar, np.zeros(flux.shape, dtype=bool))
-            if estimated:
-                _warn_once("ivar", f"{path.name}: no error array; ivar estimated from the flux scatter "
-                           "(flagged per spectrum in meta.extra['ivar_estimated']; not repeated for further files)")
-            if air_assumed:
-                _warn_once("air", f"{path.name}: no air/vacuum keyword; wavelengths taken as air and converted "
-                           "to vacuum (flagged in meta.extra['air_assumed']; not repeated for further files)")
-            fwhm = header_float(hdr, "FWHM")
-            rpower = wave / fwhm if np.isfinite(fwhm) and fwhm > 0 else None
-            snr = median_snr(flux, ivar, mask)
-            meta = SpectrumMeta(
-                ids=np.array([file_stem(path)]),
-                survey=header_str(hdr, "TPLLIB").lower() or "fits1d",
-                source_file=np.array([str(path)]),
-                source_row=np.zeros(1, dtype=np.int64),
-                ra=np.array([header_float(hdr, "RA")]),
-                dec=np.array([header_float(hdr, "DEC")]),
-                rv_kms=np.array([np.nan]),
-                snr={"all": snr},
-                extra={
-                    "ivar_estimated": np.array([estimated]),
-                    "air_assumed": np.array([air_assumed]),
-                    "n_bad_input": n_bad,
-                },
+            batch = self._read_hdus(hdul, path)
+        yield batch
+
+    def _read_hdus(self, hdul: Any, path: Path) -> SpectrumBatch:
+        """The spectrum of an opened file: ``hdul`` is astropy's HDUList or :func:`_raw_hdus`'."""
+        hdu = next((h for h in hdul if h.is_image and h.data is not None and h.data.size > 0), None)
+        if hdu is None:
+            raise FormatError(f"{path}: no image HDU with data")
+        if hdu.data.ndim != 1:
+            raise FormatError(f"{path}: spectrum HDU has shape {hdu.data.shape}, expected a 1-D array")
+        hdr = hdu.header
+        if not _spectral_header_ok(hdr):
+            raise FormatError(
+                f"{path}: no usable wavelength WCS (need CRVAL1 and CDELT1 or CD1_1; CTYPE1="
+                f"{header_str(hdr, 'CTYPE1')!r}, CUNIT1={header_str(hdr, 'CUNIT1')!r})"
             )
+        flux = native_f32(hdu.data)[None, :]
+        npix = flux.shape[1]
+        wave, air_assumed = wcs_wavelength(hdr, npix, path)
+        ivar, estimated = self._ivar(hdul, hdu, flux, path)
+        flux, ivar, mask, n_bad = clean_flux_ivar(flux, ivar, np.zeros(flux.shape, dtype=bool))
+        if estimated:
+            _warn_once("ivar", f"{path.name}: no error array; ivar estimated from the flux scatter "
+                       "(flagged per spectrum in meta.extra['ivar_estimated']; not repeated for further files)")
+        if air_assumed:
+            _warn_once("air", f"{path.name}: no air/vacuum keyword; wavelengths taken as air and converted "
+                       "to vacuum (flagged in meta.extra['air_assumed']; not repeated for further files)")
+        fwhm = header_float(hdr, "FWHM")
+        rpower = wave / fwhm if np.isfinite(fwhm) and fwhm > 0 else None
+        snr = median_snr(flux, ivar, mask)
+        meta = SpectrumMeta(
+            ids=np.array([file_stem(path)]),
+            survey=header_str(hdr, "TPLLIB").lower() or "fits1d",
+            source_file=np.array([str(path)]),
+            source_row=np.zeros(1, dtype=np.int64),
+            ra=np.array([header_float(hdr, "RA")]),
+            dec=np.array([header_float(hdr, "DEC")]),
+            rv_kms=np.array([np.nan]),
+            snr={"all": snr},
+            extra={
+                "ivar_estimated": np.array([estimated]),
+                "air_assumed": np.array([air_assumed]),
+                "n_bad_input": n_bad,
+            },
+        )
         arm = Arm(name="spec", wave=wave, flux=flux, ivar=ivar, mask=mask, resolving_power=rpower)
-        yield SpectrumBatch(arms=[arm], meta=meta).validate()
+        return SpectrumBatch(arms=[arm], meta=meta).validate()
 
     def _ivar(self, hdul: Any, hdu: Any, flux: np.ndarray, path: Path) -> tuple[np.ndarray, bool]:
         npix = flux.shape[1]
@@ -172,6 +182,41 @@ class Fits1dReader:
         if not (np.isfinite(sigma) and sigma > 0):
             raise FormatError(f"{path}: no error array and the flux has no measurable scatter; cannot estimate ivar")
         return np.full(flux.shape, 1.0 / sigma**2, dtype=np.float32), True
+
+
+class _RawImage:
+    """An HDU of a scanned file as :meth:`Fits1dReader._read_hdus` reads astropy's: ``name``,
+    ``header`` (a dict of parsed values), ``is_image`` and ``data`` (a big-endian view, None
+    without data)."""
+
+    def __init__(self, name: str, header: dict[str, Any], is_image: bool, data: np.ndarray | None) -> None:
+        self.name, self.header, self.is_image, self.data = name, header, is_image, data
+
+
+def _raw_hdus(path: Path) -> list[_RawImage] | None:
+    """The file's HDUs from its bytes (decompressed once, headers scanned without astropy, image
+    data as numpy views): several times cheaper than astropy's HDUList for a small spectrum file.
+    None, so that astropy reads the file and words any error, when an image is scaled (BSCALE,
+    BZERO, BLANK), tile-compressed or of an unknown BITPIX, or the file is not plain FITS."""
+    try:
+        data = read_file_bytes(path)
+        scanned = scan_buffer(data, path)
+    except StxError:
+        return None
+    out = []
+    for r in scanned:
+        h = r.header
+        is_image = r.index == 0 or str(h.get("XTENSION", "")).strip().upper() == "IMAGE"
+        arr = None
+        if is_image and r.shape:
+            if r.compressed or any(k in h for k in ("BSCALE", "BZERO", "BLANK")) or h.get("BITPIX") not in _BITPIX_DTYPE:
+                return None
+            arr = np.frombuffer(data, dtype=_BITPIX_DTYPE[h["BITPIX"]], count=int(np.prod(r.shape)),
+                                offset=r.data_offset).reshape(r.shape)
+        elif r.compressed:
+            return None
+        out.append(_RawImage(r.name, h, is_image, arr))
+    return out
 
 
 def _warn_once(key: str, message: str) -> None:
