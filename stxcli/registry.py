@@ -125,16 +125,7 @@ def probe_file(path: Path) -> FileProbe:
                 fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
             warnings.simplefilter("always")
             for i, hdu in enumerate(hdul):
-                hdr = hdu.header
-                kind = _hdu_kind(hdu)
-                cols: tuple[str, ...] = ()
-                if kind in ("bintable", "table"):
-                    cols = tuple(
-                        str(hdr[f"TTYPE{j}"]).upper() for j in range(1, int(hdr.get("TFIELDS", 0)) + 1)
-                    )
-                shape = tuple(int(hdr.get(f"NAXIS{j}", 0)) for j in range(int(hdr.get("NAXIS", 0)), 0, -1))
-                name = str(hdr.get("EXTNAME", "PRIMARY" if i == 0 else f"HDU{i}")).upper().strip()
-                hdus.append(HduInfo(index=i, name=name, kind=kind, header=hdr, columns=cols, shape=shape))
+                hdus.append(_hdu_info(i, _hdu_kind(hdu), hdu.header))
     except (OSError, ValueError, EOFError, TypeError, KeyError) as exc:
         raise FormatError(f"{path}: not a readable FITS file ({exc})") from exc
     for w in caught:
@@ -143,6 +134,16 @@ def probe_file(path: Path) -> FileProbe:
     if not hdus:
         raise FormatError(f"{path}: FITS file has no HDU")
     return FileProbe(path=path, suffix=suffix, compressed=compressed, hdus=tuple(hdus))
+
+
+def _hdu_info(index: int, kind: str, hdr: Any) -> HduInfo:
+    """What the probe records of HDU ``index`` from its astropy header."""
+    cols: tuple[str, ...] = ()
+    if kind in ("bintable", "table"):
+        cols = tuple(str(hdr[f"TTYPE{j}"]).upper() for j in range(1, int(hdr.get("TFIELDS", 0)) + 1))
+    shape = tuple(int(hdr.get(f"NAXIS{j}", 0)) for j in range(int(hdr.get("NAXIS", 0)), 0, -1))
+    name = str(hdr.get("EXTNAME", "PRIMARY" if index == 0 else f"HDU{index}")).upper().strip()
+    return HduInfo(index=index, name=name, kind=kind, header=hdr, columns=cols, shape=shape)
 
 
 _XTENSION_KIND = {"IMAGE": "image", "BINTABLE": "bintable", "TABLE": "table"}
@@ -180,13 +181,7 @@ def _probe_scanned(path: Path) -> tuple[HduInfo, ...] | None:
                 kind = _XTENSION_KIND.get(str(r.header.get("XTENSION", "")).strip().upper(), "")
                 if not kind or r.compressed:
                     return None
-            hdr = fits.Header.fromstring(r.header_text)
-            cols: tuple[str, ...] = ()
-            if kind in ("bintable", "table"):
-                cols = tuple(str(hdr[f"TTYPE{j}"]).upper() for j in range(1, int(hdr.get("TFIELDS", 0)) + 1))
-            shape = tuple(int(hdr.get(f"NAXIS{j}", 0)) for j in range(int(hdr.get("NAXIS", 0)), 0, -1))
-            name = str(hdr.get("EXTNAME", "PRIMARY" if r.index == 0 else f"HDU{r.index}")).upper().strip()
-            hdus.append(HduInfo(index=r.index, name=name, kind=kind, header=hdr, columns=cols, shape=shape))
+            hdus.append(_hdu_info(r.index, kind, fits.Header.fromstring(r.header_text)))
         return tuple(hdus) or None
     except (FormatError, OSError, ValueError, KeyError, TypeError, UnicodeError):
         return None

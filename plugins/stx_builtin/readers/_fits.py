@@ -19,9 +19,7 @@ from typing import Any
 import numpy as np
 
 from stxcli.errors import FormatError, StxError
-from stxcli.fitsio import BLOCK as _BLOCK  # noqa: F401 - re-exported
-from stxcli.fitsio import RawHdu, read_file_bytes, scan_buffer, scan_headers  # noqa: F401 - re-exported
-from stxcli.fitsio import card_value as _card_value  # noqa: F401 - re-exported
+from stxcli.fitsio import RawHdu, read_file_bytes, scan_buffer, scan_headers  # noqa: F401 - the readers' import point
 
 #: Exceptions astropy / gzip / numpy raise on a broken file (converted to FormatError).
 BROKEN_FILE_ERRORS: tuple[type[BaseException], ...] = (
@@ -136,11 +134,11 @@ class _BadTform(ValueError):
     """A TFORM this module cannot lay out (its column index is ``args[0]``)."""
 
 
-def _column_layout(hdr: Any) -> tuple[dict[str, tuple[int, str | None]], int]:
-    """Per column name (upper case): (byte offset in a row, native-readable dtype or None for a
-    vector, scaled or non-numeric column), and the row width the TFORMs add up to. Raises
-    :class:`_BadTform` for a TFORM it cannot size."""
-    offsets: dict[str, tuple[int, str | None]] = {}
+def _tform_walk(hdr: Any) -> tuple[list[tuple[str, int, int, str | None]], int]:
+    """Each column of a binary table header as (name upper-cased, byte offset in a row, element
+    count, big-endian numpy dtype or None for a non-numeric or scaled (TSCAL/TZERO) column), and
+    the row width the TFORMs add up to. Raises :class:`_BadTform` for a TFORM it cannot size."""
+    cols = []
     pos = 0
     for j in range(1, int(hdr.get("TFIELDS", 0)) + 1):
         m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
@@ -148,10 +146,18 @@ def _column_layout(hdr: Any) -> tuple[dict[str, tuple[int, str | None]], int]:
             raise _BadTform(j)
         rep = int(m.group(1)) if m.group(1) else 1
         code = m.group(2)
-        plain = rep == 1 and code in _TFORM_DTYPE and f"TSCAL{j}" not in hdr and f"TZERO{j}" not in hdr
-        offsets[str(hdr.get(f"TTYPE{j}", "")).strip().upper()] = (pos, _TFORM_DTYPE[code] if plain else None)
+        numeric = code in _TFORM_DTYPE and f"TSCAL{j}" not in hdr and f"TZERO{j}" not in hdr
+        cols.append((str(hdr.get(f"TTYPE{j}", "")).strip().upper(), pos, rep, _TFORM_DTYPE[code] if numeric else None))
         pos += (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
-    return offsets, pos
+    return cols, pos
+
+
+def _column_layout(hdr: Any) -> tuple[dict[str, tuple[int, str | None]], int]:
+    """Per column name (upper case): (byte offset in a row, native-readable dtype or None for a
+    vector, scaled or non-numeric column), and the row width the TFORMs add up to. Raises
+    :class:`_BadTform` for a TFORM it cannot size."""
+    cols, pos = _tform_walk(hdr)
+    return {name: (off, dtype if count == 1 else None) for name, off, count, dtype in cols}, pos
 
 
 def is_plain_file(path: Path) -> bool:
@@ -361,23 +367,14 @@ def vector_columns(hdu: RawHdu, names: tuple[str, ...]) -> dict[str, tuple[int, 
     hdr = hdu.header
     if str(hdr.get("XTENSION", "")).strip() != "BINTABLE":
         return None
-    out: dict[str, tuple[int, int, str]] = {}
-    pos = 0
-    for j in range(1, int(hdr.get("TFIELDS", 0)) + 1):
-        m = _TFORM.match(str(hdr.get(f"TFORM{j}", "")))
-        if m is None:
-            return None
-        rep = int(m.group(1)) if m.group(1) else 1
-        code = m.group(2)
-        name = str(hdr.get(f"TTYPE{j}", "")).strip().upper()
-        if name in names:
-            if code not in _TFORM_DTYPE or f"TSCAL{j}" in hdr or f"TZERO{j}" in hdr:
-                return None
-            out[name] = (pos, rep, _TFORM_DTYPE[code])
-        pos += (rep + 7) // 8 if code == "X" else rep * _TFORM_BYTES[code]
-    if pos != int(hdr.get("NAXIS1", -1)) or any(n not in out for n in names):
+    try:
+        cols, pos = _tform_walk(hdr)
+    except _BadTform:
         return None
-    return out
+    out = {name: (off, count, dtype) for name, off, count, dtype in cols if name in names}
+    if pos != int(hdr.get("NAXIS1", -1)) or any(n not in out or out[n][2] is None for n in names):
+        return None
+    return out  # type: ignore[return-value]
 
 
 def raw_hdu(hdus: list[RawHdu], name: str, path: Path) -> RawHdu:

@@ -55,7 +55,7 @@ from stxcli.protocols import PRIORITY_GENERIC, FileProbe, HduInfo
 from stxcli.spectra import Arm, SpectrumBatch, SpectrumMeta, air_to_vacuum
 
 from ._fits import (_BITPIX_DTYPE, clean_flux_ivar, file_stem, header_float, header_str, median_snr, native_f32,
-                    open_fits, read_file_bytes, scan_buffer)
+                    open_fits, raw_image, read_file_bytes, scan_buffer)
 
 _WAVE_CTYPES = ("WAVE", "AWAV", "LAMBDA", "LINEAR", "WAVELENGTH", "ANGSTROM", "")
 _UNITS = {"": 1.0, "ANGSTROM": 1.0, "ANGSTROMS": 1.0, "A": 1.0, "AA": 1.0, "NM": 10.0, "UM": 1e4,
@@ -211,8 +211,7 @@ def _raw_hdus(path: Path) -> list[_RawImage] | None:
         if is_image and r.shape:
             if r.compressed or any(k in h for k in ("BSCALE", "BZERO", "BLANK")) or h.get("BITPIX") not in _BITPIX_DTYPE:
                 return None
-            arr = np.frombuffer(data, dtype=_BITPIX_DTYPE[h["BITPIX"]], count=int(np.prod(r.shape)),
-                                offset=r.data_offset).reshape(r.shape)
+            arr = raw_image(r, data, path)
         elif r.compressed:
             return None
         out.append(_RawImage(r.name, h, is_image, arr))

@@ -44,8 +44,8 @@ from stxcli.hookspecs import hookimpl
 from stxcli.protocols import PRIORITY_SURVEY, FileProbe
 from stxcli.spectra import C_KMS, Arm, SpectrumBatch, SpectrumMeta
 
-from ._fits import (clean_flux_ivar, file_stem, header_float, header_str, native_f32, open_fits, read_file_bytes,
-                    require_hdu, scan_buffer, vector_columns)
+from ._fits import (clean_flux_ivar, file_stem, header_float, header_str, native_f32, open_fits, raw_image,
+                    read_file_bytes, require_hdu, scan_buffer, table_column_names, vector_columns)
 
 #: Nominal resolving power of the LAMOST low-resolution spectrographs.
 LAMOST_LRS_R = 1800.0
@@ -135,11 +135,9 @@ class LamostReader:
             if (h.get("BITPIX") != -32 or h.get("NAXIS") != 2 or h.get("NAXIS2") != 5 or "BSCALE" in h
                     or "BZERO" in h or int(h.get("NAXIS1", 0)) <= 0):
                 return None
-            n = int(h["NAXIS1"])
-            image = np.frombuffer(data, dtype=">f4", count=5 * n, offset=hdus[0].data_offset).reshape(5, n)
-            return h, self._read_image(_Image(image, h), path)
-        names = _TABLE_COLUMNS + (("ANDMASK",) if "ANDMASK" in _column_names(coadd.header) else ())
-        cols = vector_columns(coadd, names)
+            return h, self._read_image(_Image(raw_image(hdus[0], data, path), h), path)
+        has_andmask = "ANDMASK" in table_column_names(coadd)
+        cols = vector_columns(coadd, _TABLE_COLUMNS + (("ANDMASK",) if has_andmask else ()))
         if cols is None:
             return None
         if int(coadd.header.get("NAXIS2", 0)) < 1:
@@ -149,14 +147,7 @@ class LamostReader:
             off, count, dtype = cols[name]
             return np.frombuffer(data, dtype=dtype, count=count, offset=coadd.data_offset + off)
 
-        flux, ivar, wave = col("FLUX"), col("IVAR"), col("WAVELENGTH").astype(np.float64)
-        andmask = col("ANDMASK") if "ANDMASK" in cols else np.zeros(flux.shape, np.float32)
-        npix = flux.size
-        for nm, arr in (("IVAR", ivar), ("WAVELENGTH", wave), ("ANDMASK", andmask)):
-            if arr.size != npix:
-                raise FormatError(f"{path}: COADD column {nm} has {arr.size} elements, FLUX has {npix}")
-        _check_grid(wave, path, "WAVELENGTH column")
-        return hdus[0].header, (flux, ivar, wave, andmask)
+        return hdus[0].header, _table_arrays(col, has_andmask, path)
 
     def _read_table(self, hdul: Any, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         hdu = require_hdu(hdul, "COADD", path)
@@ -169,17 +160,9 @@ class LamostReader:
             raise FormatError(f"{path}: COADD table has no row")
 
         def col(name: str) -> np.ndarray:
-            v = np.asarray(data[name][0]).ravel()  # per-column length (they may differ)
-            return v
+            return np.asarray(data[name][0]).ravel()  # per-column length (they may differ)
 
-        flux, ivar, wave = col("FLUX"), col("IVAR"), col("WAVELENGTH").astype(np.float64)
-        andmask = col("ANDMASK") if "ANDMASK" in names else np.zeros(flux.shape, np.float32)
-        npix = flux.size
-        for nm, arr in (("IVAR", ivar), ("WAVELENGTH", wave), ("ANDMASK", andmask)):
-            if arr.size != npix:
-                raise FormatError(f"{path}: COADD column {nm} has {arr.size} elements, FLUX has {npix}")
-        _check_grid(wave, path, "WAVELENGTH column")
-        return flux, ivar, wave, andmask
+        return _table_arrays(col, "ANDMASK" in names, path)
 
     def _read_image(self, hdu: Any, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         data = np.asarray(hdu.data)
@@ -229,15 +212,24 @@ class LamostReader:
         )
 
 
+def _table_arrays(col: Any, has_andmask: bool, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """FLUX, IVAR, WAVELENGTH (float64) and ANDMASK (zeros when absent) of the COADD table's row,
+    ``col(name)`` reading one column (from astropy or from the file's bytes), checked alike."""
+    flux, ivar, wave = col("FLUX"), col("IVAR"), col("WAVELENGTH").astype(np.float64)
+    andmask = col("ANDMASK") if has_andmask else np.zeros(flux.shape, np.float32)
+    npix = flux.size
+    for nm, arr in (("IVAR", ivar), ("WAVELENGTH", wave), ("ANDMASK", andmask)):
+        if arr.size != npix:
+            raise FormatError(f"{path}: COADD column {nm} has {arr.size} elements, FLUX has {npix}")
+    _check_grid(wave, path, "WAVELENGTH column")
+    return flux, ivar, wave, andmask
+
+
 class _Image:
     """An image HDU's data and header, as :meth:`LamostReader._read_image` reads them."""
 
     def __init__(self, data: np.ndarray, header: dict[str, Any]) -> None:
         self.data, self.header = data, header
-
-
-def _column_names(hdr: dict[str, Any]) -> set[str]:
-    return {str(hdr.get(f"TTYPE{j}", "")).strip().upper() for j in range(1, int(hdr.get("TFIELDS", 0)) + 1)}
 
 
 def _coeff_grid(hdr: Any, npix: int) -> np.ndarray | None:
