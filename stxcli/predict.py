@@ -114,15 +114,15 @@ def store_chunks(path: Path, model: Any, chunk_rows: int) -> Iterator[Chunk]:
         # standardises them into its own buffer: one pass instead of a copy and a pass), chunks
         # cut at the runs' ends; else one reused buffer (each chunk is consumed before the next).
         runs = None if needs_ivar else st.runs("features")
-        buf = None if runs else np.empty((min(chunk_rows, max(st.n, 1)), st.dim), dtype=np.float32)
-        ibuf = np.empty((min(chunk_rows, max(st.n, 1)), st.dim), dtype=np.float32) if needs_ivar else None
+        shape = (min(chunk_rows, max(st.n, 1)), st.dim)
+        buf = None  # made when a slab cannot be mapped
+        ibuf = np.empty(shape, dtype=np.float32) if needs_ivar else None
         blk_s = blk_e = 0
         blk: dict[str, Any] = {}
         for s, e in chunk_bounds(st.n, chunk_rows, runs):
             x = st.mapped("features", s, e) if runs else None
             if x is None:
-                if buf is None:
-                    buf = np.empty((min(chunk_rows, max(st.n, 1)), st.dim), dtype=np.float32)
+                buf = np.empty(shape, dtype=np.float32) if buf is None else buf
                 x = st.read_into("features", s, e, buf)
             iv = None if ibuf is None else st.read_into("ivar", s, e, ibuf)
             if not (blk_s <= s and e <= blk_e):  # a dozen small columns: read many chunks' worth at once
