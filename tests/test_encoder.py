@@ -25,12 +25,7 @@ N_PIX = 414  # the raw grid 5000-5500 A at 1e-4 dex
 TINY = {"width": 32, "depth": 2, "heads": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def synth(n: int, n_pix: int = N_PIX, seed: int = 0, gaps: bool = True):

@@ -23,12 +23,7 @@ RAW_CFG = {"wmin": 5000.0, "wmax": 5500.0}
 TINY = {"width": 32, "depth": 2, "heads": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def synth(n: int, n_pix: int, seed: int, depth: float = 1.0):

@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from stxcli import pipeline
 from stxcli.cli.featurize import run_featurize
 from stxcli.store import FeatureStore
 
-from conftest import run_cli
+from conftest import interrupt_input_digest, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +127,7 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path, shared, monkeypatc
     clean = tmp_path / "clean.h5"
     run_featurize(args, clean)
 
-    real = pipeline.input_digest  # called once per file, as the file's results are handed over
-    calls = {"n": 0}
-
-    def flaky(path, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(path, **kw)
-
-    monkeypatch.setattr(pipeline, "input_digest", flaky)
+    calls = interrupt_input_digest(monkeypatch, at=4)
     out = tmp_path / "resumed.h5"
     with pytest.raises(KeyboardInterrupt):
         run_featurize(args, out)

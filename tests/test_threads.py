@@ -15,7 +15,7 @@ from stxcli.pipeline import FileStart, build_featurizer, featurize_file, featuri
 from stxcli.protocols import FeatureBatch
 from stxcli.store import FeatureStore
 
-from conftest import run_cli
+from conftest import interrupt_input_digest, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -229,20 +229,11 @@ def test_interrupted_threaded_run_resumes(tmp_path, shared, monkeypatch):
     files = sorted((shared / "lamost-dr10" / "spectra").glob("*.fits.gz"))[:5]
     args = [str(p) for p in files]
     clean = run_featurize(args, tmp_path / "clean.h5", threads=1)
-    real = pipeline.input_digest
-    calls = {"n": 0}
-
-    def flaky(path, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(path, **kw)
-
-    monkeypatch.setattr(pipeline, "input_digest", flaky)
+    calls = interrupt_input_digest(monkeypatch, at=3)
     out = tmp_path / "t.h5"
     with pytest.raises(KeyboardInterrupt):
         run_featurize(args, out, threads=3)
-    monkeypatch.setattr(pipeline, "input_digest", real)
+    calls["n"] = 10  # no more interruptions
     again = run_featurize(args, out, threads=3)
     assert again["checksum"] == clean["checksum"]
 
