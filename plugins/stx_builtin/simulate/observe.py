@@ -37,7 +37,6 @@ Noise
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -123,16 +122,15 @@ def measure_desi_resolution(paths: list) -> dict[str, tuple[np.ndarray, np.ndarr
 # ----------------------------------------------------------------------------- calibration data
 
 
-@lru_cache(maxsize=1)
 def calibration() -> dict[str, np.ndarray]:
-    from .synth import _data_path
+    """The shipped calibration arrays (:func:`.synth.calibration_file`); its absence is an error
+    here: the survey models cannot work without it."""
+    from .synth import _data_path, calibration_file
 
-    path = _data_path("calibration.npz")
-    if not path.is_file():
-        raise StxError(f"simulator calibration file is missing ({path}); reinstall stx")
-    with path.open("rb") as fh:
-        z = np.load(fh)
-        return {k: z[k] for k in z.files}
+    z = calibration_file()
+    if z is None:
+        raise StxError(f"simulator calibration file is missing ({_data_path('calibration.npz')}); reinstall stx")
+    return z
 
 
 # --------------------------------------------------------------------------- linear operators

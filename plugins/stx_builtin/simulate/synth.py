@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -519,27 +520,47 @@ def template_signature(ts: TemplateSet) -> np.ndarray:
     return np.stack([ts.kind, ts.alpha, ts.ion, np.round(ts.chi_exc, 3)], axis=1).astype(np.float64)
 
 
-@lru_cache(maxsize=1)
-def _shipped_strength() -> StrengthCalibration | None:
+def calibration_file() -> dict[str, np.ndarray] | None:
+    """The arrays of the shipped ``calibration.npz`` (survey calibration, line strengths, SED
+    correction), or None without the file. Read once per version of the file: the cache is keyed
+    by its path and modification time, so a file rewritten by tools/make_example_data.py is read
+    again."""
+    import os
+
     path = _data_path("calibration.npz")
     if not path.is_file():
         return None
+    try:
+        mtime = os.stat(str(path)).st_mtime_ns
+    except OSError:  # not a plain file on disk (a zipped install): its content cannot change
+        mtime = None
+    return _read_npz(path, str(path), mtime)
+
+
+@lru_cache(maxsize=2)
+def _read_npz(path: Any, key: str, mtime: int | None) -> dict[str, np.ndarray]:
     with path.open("rb") as fh:
         z = np.load(fh)
-        if "strength_a" not in z.files:
-            return None
-        sig = z["strength_signature"]
-        if sig.shape != template_signature(build_templates()).shape or not np.allclose(
-                sig, template_signature(build_templates())):
-            from stxcli.errors import StxError
+        return {k: z[k] for k in z.files}
 
-            raise StxError("the shipped strength calibration (data/simulate/calibration.npz) was fitted for other "
-                           "opacity templates: rerun python tools/make_example_data.py")
-        return StrengthCalibration(
-            a=z["strength_a"].astype(float), b=z["strength_b"].astype(float), c=z["strength_c"].astype(float),
-            theta_range=tuple(float(v) for v in z["strength_theta_range"]),
-            logg_range=tuple(float(v) for v in z["strength_logg_range"]),
-            r_scale=float(z["strength_r_scale"]), t_surface=float(z["strength_t_surface"]))
+
+@lru_cache(maxsize=1)
+def _shipped_strength() -> StrengthCalibration | None:
+    z = calibration_file()
+    if z is None or "strength_a" not in z:
+        return None
+    sig = z["strength_signature"]
+    if sig.shape != template_signature(build_templates()).shape or not np.allclose(
+            sig, template_signature(build_templates())):
+        from stxcli.errors import StxError
+
+        raise StxError("the shipped strength calibration (data/simulate/calibration.npz) was fitted for other "
+                       "opacity templates: rerun python tools/make_example_data.py")
+    return StrengthCalibration(
+        a=z["strength_a"].astype(float), b=z["strength_b"].astype(float), c=z["strength_c"].astype(float),
+        theta_range=tuple(float(v) for v in z["strength_theta_range"]),
+        logg_range=tuple(float(v) for v in z["strength_logg_range"]),
+        r_scale=float(z["strength_r_scale"]), t_surface=float(z["strength_t_surface"]))
 
 
 def strength_calibration() -> StrengthCalibration | None:
@@ -593,16 +614,12 @@ def _sed_table() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None
     line model, the same of the uncalibrated one) or None. Each correction was measured with its
     own line model (line blanketing moves the smoothed flux); a file without the second one
     uses the first for both."""
-    path = _data_path("calibration.npz")
-    if not path.is_file():
+    z = calibration_file()
+    if z is None or "sed_logteff" not in z:
         return None
-    with path.open("rb") as fh:
-        z = np.load(fh)
-        if "sed_logteff" not in z.files:
-            return None
-        lc = z["sed_logcorr"].astype(float)
-        lc0 = z["sed_logcorr_uncalibrated"].astype(float) if "sed_logcorr_uncalibrated" in z.files else lc
-        return z["sed_logteff"].astype(float), z["sed_wave"].astype(float), lc, lc0
+    lc = z["sed_logcorr"].astype(float)
+    lc0 = z["sed_logcorr_uncalibrated"].astype(float) if "sed_logcorr_uncalibrated" in z else lc
+    return z["sed_logteff"].astype(float), z["sed_wave"].astype(float), lc, lc0
 
 
 #: The continuum is evaluated on nodes every 50 A and interpolated linearly in log flux (the
