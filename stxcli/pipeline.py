@@ -175,48 +175,40 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
     if callable(prepare):
         prepare()  # shared caches built once, not raced for by the first batches
     pending: deque[Any] = deque()
-    pooled: set[Future] = set()  # the futures running on the pool (not those done inline)
-    running = 0
-    ex = ThreadPoolExecutor(threads, thread_name_prefix="stx-featurize")
+    pooled: set[Future] = set()  # the futures still on the pool (not those done inline)
     # OpenBLAS at 1 thread while the pool runs (its setting is process-wide), set here once: the
     # caller's code between results then also sees BLAS at 1 thread, while OpenMP (torch in
     # stx predict) keeps its threads
-    limit = _single_threaded_blas(user_api="blas")
-    limit.__enter__()
-    try:
-        for it in items:
-            if isinstance(it, SpectrumBatch) and it.n >= MIN_POOLED_ROWS:
-                fut = ex.submit(_pooled_transform, featurizer, it)
-                pooled.add(fut)
-                pending.append(fut)
-                running += 1
-            elif isinstance(it, SpectrumBatch):  # a few spectra: handing them over costs more
-                done: Future = Future()
-                done.set_result(_pooled_transform(featurizer, it))
-                pending.append(done)
-            else:
-                pending.append(it)
-            # hand over, in order: anything at the head that is not still on the pool, and pool
-            # results (waiting for them) while more than ``threads`` run or too much is queued
-            while pending and (running > threads or len(pending) > threads + 1
-                               or not (isinstance(pending[0], Future) and pending[0] in pooled)):
-                head = pending.popleft()
-                if isinstance(head, Future):
-                    if head in pooled:
-                        pooled.discard(head)
-                        running -= 1
-                    yield head.result()
+    with _single_threaded_blas(user_api="blas"), \
+            ThreadPoolExecutor(threads, thread_name_prefix="stx-featurize") as ex:
+        try:
+            for it in items:
+                if isinstance(it, SpectrumBatch) and it.n >= MIN_POOLED_ROWS:
+                    fut = ex.submit(_pooled_transform, featurizer, it)
+                    pooled.add(fut)
+                    pending.append(fut)
+                elif isinstance(it, SpectrumBatch):  # a few spectra: handing them over costs more
+                    done: Future = Future()
+                    done.set_result(_pooled_transform(featurizer, it))
+                    pending.append(done)
                 else:
+                    pending.append(it)
+                # hand over, in order: anything at the head that is not still on the pool, and pool
+                # results (waiting for them) while more than ``threads`` run or too much is queued
+                while pending and (len(pooled) > threads or len(pending) > threads + 1
+                                   or not (isinstance(pending[0], Future) and pending[0] in pooled)):
+                    head = pending.popleft()
+                    if isinstance(head, Future):
+                        pooled.discard(head)
+                        head = head.result()
                     yield head
-        while pending:
-            head = pending.popleft()
-            yield head.result() if isinstance(head, Future) else head
-    finally:  # an error or an abandoned generator: no thread keeps working on freed data
-        for f in pending:
-            if isinstance(f, Future):
-                f.cancel()
-        ex.shutdown(wait=True)
-        limit.__exit__(None, None, None)
+            while pending:
+                head = pending.popleft()
+                yield head.result() if isinstance(head, Future) else head
+        finally:  # an error or an abandoned generator: no thread keeps working on freed data
+            for f in pending:
+                if isinstance(f, Future):
+                    f.cancel()
 
 
 def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = None,
