@@ -488,15 +488,13 @@ class RawFeaturizer:
 
     def _grid(self, wave: np.ndarray) -> L.InputGrid:
         key = _key(wave)
-        with _BUILD_LOCK:
-            grid = self._grids.get(key)
-            if grid is None:
-                try:
-                    grid = L.describe_grid(wave)
-                except ValueError as exc:
-                    raise StxError(f"raw featurizer: {exc}") from exc
-                _put(self._grids, key, grid)
-        return grid
+        def build() -> L.InputGrid:
+            try:
+                return L.describe_grid(wave)
+            except ValueError as exc:
+                raise StxError(f"raw featurizer: {exc}") from exc
+
+        return _cached(self._grids, key, build)
 
     def _source_r(self, arm: Arm, grid: L.InputGrid) -> np.ndarray:
         if arm.resolving_power is not None:
@@ -537,11 +535,8 @@ class RawFeaturizer:
             return f2, g2, v2, 0
         r_src = self._source_r(arm, grid)
         key = _key(grid.wave, r_src, np.array([self.target_r]))
-        with _BUILD_LOCK:
-            if key not in self._degraders:
-                sigma = L.kernel_sigma(grid.wave, r_src, self.target_r)
-                _put(self._degraders, key, L.build_degrader(grid, sigma))
-            deg = self._degraders[key]
+        deg = _cached(self._degraders, key,
+                      lambda: L.build_degrader(grid, L.kernel_sigma(grid.wave, r_src, self.target_r)))
         nominal = int(self.use_resolution_matrix)  # asked for the matrix, the arm had none
         if deg is None:
             return f, g, vv, nominal
@@ -568,18 +563,12 @@ class RawFeaturizer:
             j0, j1 = self._bin_range(pc.grid, 1.0, 1.0)
             if j1 <= j0:
                 continue
-            key = _key(pc.grid.wave, self._edges[j0: j1 + 1])
-            with _BUILD_LOCK:
-                mats = self._zero_mats.get(key)
-                if mats is None:
-                    o = L.resample_matrix(pc.grid, self._edges[j0: j1 + 1])
-                    covered = (o @ pc.grid.width.astype(np.float32)).astype(np.float32)[:, None]
-                    mats = (o, o.multiply(o).tocsr(), covered)
-                    _put(self._zero_mats, key, mats)
-            o, o2, covered = mats
+            edges = self._edges[j0: j1 + 1]
+            o, o2, covered = _cached(self._zero_mats, _key(pc.grid.wave, edges),
+                                     lambda: _zero_velocity_mats(pc.grid, edges))
             num, vnum = o @ pc.a, o2 @ pc.v
             den = covered if pc.b is None else o @ pc.b
-            thr = (self.min_coverage * np.diff(self._edges[j0: j1 + 1])).astype(np.float32)[:, None]
+            thr = (self.min_coverage * np.diff(edges)).astype(np.float32)[:, None]
             self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, thr)
         return _finish_combination(s_fi, s_i)
 
@@ -816,10 +805,24 @@ def _masked_median(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(med), med, 0.0)
 
 
-def _put(cache: dict, key: Any, value: Any) -> None:
-    if len(cache) >= _CACHE_MAX:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
+def _cached(cache: dict, key: Any, build: Any) -> Any:
+    """``cache[key]``, built by ``build()`` and stored (the oldest of :data:`_CACHE_MAX` entries
+    dropped) the first time, under :data:`_BUILD_LOCK`."""
+    with _BUILD_LOCK:
+        if key not in cache:
+            value = build()
+            if len(cache) >= _CACHE_MAX:
+                cache.pop(next(iter(cache)))
+            cache[key] = value
+        return cache[key]
+
+
+def _zero_velocity_mats(grid: L.InputGrid, edges: np.ndarray) -> tuple[Any, Any, np.ndarray]:
+    """The rebinning of ``grid`` onto ``edges`` at zero velocity: the overlap matrix, its square
+    (for the variance) and the width each output bin covers."""
+    o = L.resample_matrix(grid, edges)
+    covered = (o @ grid.width.astype(np.float32)).astype(np.float32)[:, None]
+    return o, o.multiply(o).tocsr(), covered
 
 
 @hookimpl
