@@ -566,9 +566,10 @@ class LoadedModel:
         q = None
         for i, net in enumerate(self.nets):
             cols = [j for j in range(L) if self.label_net[j] == i]
-            if not cols and not (i == 0 and fold is not None):
+            folded = i == 0 and fold is not None  # run even without labels: it gives the domain's q
+            if not (cols or folded):
                 continue
-            if i == 0 and fold is not None:
+            if folded:
                 # the first layer and the domain projections in one product: z is read once
                 w, b, h = fold
                 y = torch.nn.functional.linear(z, w, b)
