@@ -646,7 +646,9 @@ def predict_part(part: Part, job: PredictJob) -> dict[str, Any]:
     sizes: list[int] = []
     for f in part.files:
         p = _opened_path(f, job.cwd)
-        for ch in file_chunks([p], feat, job.format, job.chunk_rows):  # chunk by chunk, as one process does
+        # chunk by chunk, as one process does
+        for ch in file_chunks([p], feat, job.format, job.chunk_rows,
+                              need_ivar=bool(getattr(model, "needs_ivar", False))):
             if ch.features.shape[1] != model.input_dim:
                 raise ModelFileError(f"features have {ch.features.shape[1]} columns, model expects "
                                      f"{model.input_dim}")

@@ -168,8 +168,9 @@ def model_featurizer(model: Any) -> Any:
 READ_ROWS = 256
 
 
-def _chunk_of(batches: list[Any]) -> Chunk:
-    """One chunk from consecutive feature batches of one file."""
+def _chunk_of(batches: list[Any], need_ivar: bool = True) -> Chunk:
+    """One chunk from consecutive feature batches of one file; the features' ivar only when
+    ``need_ivar`` (a model with an encoder front reads it; for others its copy is wasted)."""
     cols: dict[str, list[np.ndarray]] = {}
     for fb in batches:
         m, n = fb.meta, fb.features.shape[0]
@@ -181,11 +182,11 @@ def _chunk_of(batches: list[Any]) -> Chunk:
             cols.setdefault(k, []).append(np.asarray(v))
     if len(batches) == 1:
         fb = batches[0]
-        x, iv = fb.features, fb.ivar
+        x, iv = fb.features, (fb.ivar if need_ivar else None)
         c = {k: v[0] for k, v in cols.items()}
     else:
         x = np.concatenate([fb.features for fb in batches])
-        iv = np.concatenate([fb.ivar for fb in batches])
+        iv = np.concatenate([fb.ivar for fb in batches]) if need_ivar else None
         c = {k: np.concatenate(v) for k, v in cols.items() if len(v) == len(batches)}
     n = x.shape[0]
     snr, flags = c.pop("snr"), c.pop("flags")
@@ -193,11 +194,12 @@ def _chunk_of(batches: list[Any]) -> Chunk:
 
 
 def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: int,
-                threads: int = 1, readers: dict[Path, Any] | None = None) -> Iterator[Chunk]:
+                threads: int = 1, readers: dict[Path, Any] | None = None,
+                need_ivar: bool = True) -> Iterator[Chunk]:
     """Featurize survey files on the fly: read ``READ_ROWS`` spectra at a time (memory stays
     that of a few hundred raw spectra per thread whatever the file holds), ``threads`` batches at
     once (:func:`stxcli.pipeline.transform_stream`), and predict ``chunk_rows`` at a time (within
-    one file)."""
+    one file); chunks carry the features' ivar only when ``need_ivar``."""
     from .pipeline import FileStart, featurize_files
 
     pending: list[Any] = []
@@ -206,27 +208,46 @@ def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: i
                                 readers=readers):
         if isinstance(item, FileStart):
             if pending:
-                yield _chunk_of(pending)
+                yield _chunk_of(pending, need_ivar)
             pending, rows = [], 0
             continue
         pending.append(item)
         rows += item.features.shape[0]
         if rows >= chunk_rows:
-            yield _chunk_of(pending)
+            yield _chunk_of(pending, need_ivar)
             pending, rows = [], 0
     if pending:
-        yield _chunk_of(pending)
+        yield _chunk_of(pending, need_ivar)
 
 
 # ----------------------------------------------------------------------------- the predictions
 
 
-def predict_chunk(model: Any, ch: Chunk, device: str) -> dict[str, np.ndarray]:
-    """Prediction columns for one chunk: L, L_err per label, snr, flags."""
+def _model_outputs(model: Any, x: np.ndarray, ivar: np.ndarray | None, device: str) -> dict[str, np.ndarray]:
     if getattr(model, "needs_ivar", False):  # an encoder in front reads raw spectra and their ivar
-        p = model.predict(ch.features, device=device, ivar=ch.ivar)
+        return model.predict(x, device=device, ivar=ivar)
+    return model.predict(x, device=device)
+
+
+def predict_chunk(model: Any, ch: Chunk, device: str) -> dict[str, np.ndarray]:
+    """Prediction columns for one chunk: L, L_err per label, snr, flags.
+
+    A spectrum flagged ``NO_OVERLAP`` has no feature at all (a dead fibre, an arm off the grid):
+    it is not run through the model, and its labels and errors are NaN (a value made from the
+    featurizer's fill would be a number with no data behind it); its flags say why."""
+    n = len(ch.flags)
+    empty = (np.asarray(ch.flags) & F.NO_OVERLAP) != 0
+    if not empty.any():
+        p = _model_outputs(model, ch.features, ch.ivar, device)
     else:
-        p = model.predict(ch.features, device=device)
+        keep = np.flatnonzero(~empty)
+        L = len(model.specs)
+        p = {"value": np.full((n, L), np.nan), "err": np.full((n, L), np.nan),
+             "out_of_domain": np.zeros(n, bool)}
+        if keep.size:
+            q = _model_outputs(model, ch.features[keep], None if ch.ivar is None else ch.ivar[keep], device)
+            for k, v in q.items():
+                p[k][keep] = v
     flags = ch.flags.astype(np.int32).copy()
     flags[p["out_of_domain"]] |= F.OUT_OF_DOMAIN
     out: dict[str, np.ndarray] = {}
@@ -480,7 +501,8 @@ def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any
         for s in stores:
             yield from store_chunks(s, model, chunk_rows)
         if files:
-            yield from file_chunks(files, feat, format, chunk_rows, threads, readers)
+            yield from file_chunks(files, feat, format, chunk_rows, threads, readers,
+                                   need_ivar=bool(getattr(model, "needs_ivar", False)))
 
     counts: dict[str, int] = {}
     units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}

@@ -101,6 +101,11 @@ class Source:
     def label_names(self) -> list[str]:
         raise NotImplementedError
 
+    def empty_rows(self) -> np.ndarray | None:
+        """(n,) bool: the rows without any feature (flagged ``NO_OVERLAP``: a dead fibre, a
+        spectrum off the grid), or None when every row has data. They are never trained on."""
+        return None
+
     def units(self) -> dict[str, str]:
         return {}
 
@@ -131,6 +136,15 @@ class StoreSource(Source):
 
     def units(self) -> dict[str, str]:
         return self.store.label_units
+
+    def empty_rows(self) -> np.ndarray | None:
+        from . import flags as F
+
+        fl = self.store.f["quality"].get("flags")
+        if fl is None:
+            return None
+        empty = (np.asarray(fl[:]) & F.NO_OVERLAP) != 0
+        return empty if empty.any() else None
 
     def labels(self, names: Sequence[str]) -> np.ndarray:
         have = set(self.store.label_names)
@@ -761,6 +775,15 @@ class Prepared:
 
 def prepare(sources: list[Source], label_names: list[str], opts: TrainOptions) -> Prepared:
     y = [s.labels(label_names) for s in sources]
+    for s, yi in zip(sources, y):
+        empty = s.empty_rows()
+        if empty is None:
+            continue
+        dropped = int((empty & np.isfinite(yi).any(1)).sum())
+        yi[empty] = np.nan  # no data behind these rows: unlabelled for training
+        if dropped:
+            console.warn(f"{s.name}: {dropped} labelled star(s) have no valid feature (NO_OVERLAP) and are "
+                         f"left out")
     split = make_split(sources, y, val_frac=opts.val_frac, n_train=opts.n_train, seed=opts.seed)
     check_labels(sources, label_names, y, split)
     return Prepared(sources, label_names, y, split)

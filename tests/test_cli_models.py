@@ -306,3 +306,65 @@ def test_far_features_flagged_out_of_domain(work, base, capsys, tmp_path):
     assert ((f[20:] & 32) != 0).all() and ((f[20:] & 1) != 0).all()  # OUT_OF_DOMAIN, LOW_SNR carried
     assert ((f[:20] & 32) == 0).mean() >= 0.9
     assert "OUT_OF_DOMAIN" in err and json.loads(out)["flags"]["OUT_OF_DOMAIN"] >= 20
+
+
+def test_rows_without_data_get_nan_and_skip_the_model():
+    """A NO_OVERLAP row has no feature: predict_chunk runs the model on the other rows only and
+    gives the empty ones NaN labels and errors, no OUT_OF_DOMAIN, their own flags kept."""
+    from types import SimpleNamespace
+
+    from stxcli import flags as F
+    from stxcli.model import LabelSpec
+    from stxcli.predict import Chunk, predict_chunk
+
+    specs = [LabelSpec("teff", "K", "log10", 3.7, 0.05, 4000.0, 7000.0)]
+    seen = []
+
+    def predict(x, device):
+        seen.append(x.copy())
+        return {"value": 5000.0 + x[:, :1], "err": np.full((len(x), 1), 50.0),
+                "out_of_domain": np.ones(len(x), bool)}
+
+    model = SimpleNamespace(specs=specs, predict=predict)
+    x = np.arange(5, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
+    flags = np.array([0, F.NO_OVERLAP | F.HEAVY_MASK, 0, F.NO_OVERLAP, F.LOW_SNR], np.int32)
+    out = predict_chunk(model, Chunk(x, {}, np.zeros(5, np.float32), flags), "cpu")
+    assert len(seen) == 1 and seen[0][:, 0].tolist() == [0, 2, 4]  # the empty rows never reach it
+    np.testing.assert_array_equal(out["teff"], np.array([5000, np.nan, 5002, np.nan, 5004], np.float32))
+    assert np.isnan(out["teff_err"][[1, 3]]).all() and (out["teff_err"][[0, 2, 4]] == 50).all()
+    od = F.OUT_OF_DOMAIN
+    assert out["flags"].tolist() == [od, F.NO_OVERLAP | F.HEAVY_MASK, od, F.NO_OVERLAP, F.LOW_SNR | od]
+    # every row empty: the model is not called at all
+    seen.clear()
+    out = predict_chunk(model, Chunk(x[:2], {}, np.zeros(2, np.float32), np.full(2, F.NO_OVERLAP, np.int32)), "cpu")
+    assert not seen and np.isnan(out["teff"]).all()
+
+
+def test_empty_rows_in_a_store_predict_nan_and_are_not_trained_on(work, base, capsys, tmp_path):
+    """Through the CLI: a store whose rows 3 and 7 are flagged NO_OVERLAP predicts NaN there and
+    the model's values elsewhere; pretraining on it leaves those labelled rows out, with a warning."""
+    from stxcli import flags as F
+    from stxcli.model import load_model
+    from stxcli.store import write_store_arrays
+
+    f, iv, ids, labels = synth(60, seed=9)
+    fl = np.zeros(60, np.int32)
+    fl[[3, 7]] = F.NO_OVERLAP
+    f[[3, 7]] = 1.0  # the featurizer's fill
+    write_store_arrays(tmp_path / "dead.h5", f, iv, ids, labels, featurizer_name="raw", featurizer_version="test",
+                       featurizer_config={"grid": "synthetic"}, quality={"flags": fl})
+    code, out, err = run_cli(["predict", base, tmp_path / "dead.h5", "-o", tmp_path / "p.fits", "--json"], capsys)
+    assert code == 0, err
+    t, _ = _table(tmp_path / "p.fits")
+    ref = load_model(base).predict(f)
+    for j, lab in enumerate(LABELS):
+        v = np.asarray(t[lab])
+        assert np.isnan(v[[3, 7]]).all() and np.isnan(np.asarray(t[f"{lab}_err"])[[3, 7]]).all()
+        keep = np.setdiff1d(np.arange(60), [3, 7])
+        np.testing.assert_allclose(v[keep], ref["value"][keep, j], rtol=1e-5)
+    assert json.loads(out)["flags"]["NO_OVERLAP"] == 2
+    code, out, err = run_cli(["pretrain", tmp_path / "dead.h5", "-o", tmp_path / "m", "--set", "hidden=8",
+                              "--epochs", "2", "--threads", "1", "--json"], capsys)
+    assert code == 0, err
+    assert "2 labelled star(s) have no valid feature (NO_OVERLAP) and are left out" in err
+    assert json.loads(out)["n_train"] + json.loads(out)["n_val"] == 58
