@@ -170,9 +170,13 @@ def rows_models(d: dict[str, Any]) -> list[Row]:
                         _rate(r["stx_epoch_spectra_per_s"]), f"bare torch loop {_rate(r['bare_spectra_per_s'])}",
                         f"{r['ratio_stx_epoch_over_bare']:.2f}x the time",
                         f"<= {r['target_max_ratio']}x (pretrain's)", r["ratio_stx_epoch_over_bare"] <= r["target_max_ratio"]))
-    r = d.get("predict_files")
-    if r:
-        rows.append(Row(f"predict from {r['n_files']} DESI coadds ({_num(r['n_spectra'])} spectra), end to end",
+    for key in ("predict_files", "predict_files_live_only"):
+        r = d.get(key)
+        if not r:
+            continue
+        live = r.get("live_fraction")
+        what = "" if live is None else f", {100 * live:.0f} % with data"
+        rows.append(Row(f"predict from {r['n_files']} DESI coadds ({_num(r['n_spectra'])} spectra{what}), end to end",
                         f"{r['stx_predict_s']:.2f} s ({_rate(r['stx_spectra_per_s'])})",
                         f"specutils read alone {r['specutils_read_s']:.2f} s",
                         f"{r['ratio_stx_over_specutils_read']:.2f}x the time", "< 1x",

@@ -173,6 +173,28 @@ def test_without_snr(tmp_path, capsys):
     assert report["feh_split"]["feh<-1"]["feh"]["n"] == int((d["true_feh"] < -1).sum())
 
 
+def test_nan_predictions_are_left_out_and_counted(tmp_path, capsys):
+    """Stars predict writes NaN for (spectra without data, NO_OVERLAP) are left out of every
+    statistic, and the report says how many."""
+    d = _data(3)
+    dead = np.arange(0, N, 25)  # 12 stars
+    for lab in LABELS:
+        d[lab][dead] = np.nan
+        d[f"{lab}_err"][dead] = np.nan
+    write_pred(tmp_path / "p.fits", d)
+    write_truth_csv(tmp_path / "t.csv", d, np.arange(N))
+    assert main(["evaluate", str(tmp_path / "p.fits"), str(tmp_path / "t.csv"), "-o", str(tmp_path / "r"),
+                 "--json", "--no-plots"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "12 matched star(s) have no prediction (NaN: a spectrum without data, flagged NO_OVERLAP), " \
+           "left out of the statistics" in report["notes"]
+    keep = np.setdiff1d(np.arange(N), dead)
+    exp = _expected(d, rows=keep)
+    for lab in LABELS:
+        assert report["overall"][lab]["n"] == N - 12
+        assert report["overall"][lab]["mae"] == pytest.approx(exp["overall"][lab]["mae"], rel=1e-9)
+
+
 def _fails(argv, out: Path, capsys, code: int = 1) -> str:
     assert main(argv) == code
     err = capsys.readouterr().err.strip()

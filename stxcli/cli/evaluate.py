@@ -106,6 +106,10 @@ def evaluate(pred_path: Path, truth_path: Path, *, id_column: str = "id", pred_i
             raise StxError(f"label {lab!r}: no matched star has both a finite prediction and a finite true value")
         if f"{lab}_err" not in pred:
             notes.append(f"the predictions have no {lab}_err column: no calibration fractions for {lab}")
+    no_pred = int((~np.stack([np.isfinite(pred[lab]) for lab in chosen])).all(axis=0).sum())
+    if no_pred:
+        notes.append(f"{no_pred} matched star(s) have no prediction (NaN: a spectrum without data, "
+                     f"flagged NO_OVERLAP), left out of the statistics")
 
     snr, snr_source = None, None
     want = (snr_column or "snr").strip().lower()
