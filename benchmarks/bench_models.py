@@ -236,10 +236,11 @@ def finetune_speed(base: Path, target: Path, tmp: Path, hidden: list[int], threa
     return out
 
 
-def e2e_predict(tmp: Path, n_files: int, rows: int, hidden: list[int], threads: int, reps: int,
+def e2e_predict(tmp: Path, model: Path, n_files: int, rows: int, threads: int, reps: int,
                 live_only: bool = False) -> dict[str, object]:
     """``stx predict MODEL FILES`` (read + raw featurization + model + catalog) against specutils'
-    read of the same files alone, alternating, best of ``reps``. ``live_only``: the coadd tiles
+    read of the same files alone, alternating, best of ``reps``; ``model`` is a raw-feature MLP
+    (:func:`_common.raw_model`). ``live_only``: the coadd tiles
     only the EDR rows with data (the tiled EDR file is 60 % dead fibres, which stx featurizes
     cheaply and no longer runs through the model: a real coadd has a few per cent)."""
     import os
@@ -248,9 +249,6 @@ def e2e_predict(tmp: Path, n_files: int, rows: int, hidden: list[int], threads: 
 
     from stxcli.predict import run_predict
 
-    model = tmp / "raw" / "raw-model"
-    if not model.exists():
-        model = raw_model(tmp / "raw", hidden=tuple(hidden), threads=threads)
     base = make_coadd(tmp / "e2e-base.fits", rows, id_offset=3, live_only=live_only)
     live = live_fraction(base)
     files = []
@@ -380,8 +378,9 @@ def main() -> None:
     make_store(target, n_ft, args.dim, seed=1)
     ft = finetune_speed(tmp / "model", target, tmp, hidden, args.threads, args.ft_epochs, args.epochs)
     # -- predict end to end from DESI coadd files vs specutils' read of the same files
-    e2e = e2e_predict(tmp, e2e_files, e2e_rows, hidden, args.threads, args.epochs)
-    e2e_live = e2e_predict(tmp, e2e_files, e2e_rows, hidden, args.threads, args.epochs, live_only=True)
+    raw = raw_model(tmp / "raw", hidden=tuple(hidden), threads=args.threads)
+    e2e = e2e_predict(tmp, raw, e2e_files, e2e_rows, args.threads, args.epochs)
+    e2e_live = e2e_predict(tmp, raw, e2e_files, e2e_rows, args.threads, args.epochs, live_only=True)
     result = {
         "n": n, "dim": args.dim, "hidden": hidden, "threads": args.threads, "n_train": n_train,
         "store_write_s": round(t_store, 2),

@@ -637,7 +637,7 @@ def predict_part(part: Part, job: PredictJob) -> dict[str, Any]:
     a partition's fit in memory."""
     from .errors import ModelFileError
     from .io import atomic_file
-    from .predict import file_chunks, predict_chunk
+    from .predict import file_chunks, needs_ivar, predict_chunk
 
     t0, c0 = time.perf_counter(), time.process_time()
     _maybe_fail(part, job)
@@ -647,8 +647,7 @@ def predict_part(part: Part, job: PredictJob) -> dict[str, Any]:
     for f in part.files:
         p = _opened_path(f, job.cwd)
         # chunk by chunk, as one process does
-        for ch in file_chunks([p], feat, job.format, job.chunk_rows,
-                              need_ivar=bool(getattr(model, "needs_ivar", False))):
+        for ch in file_chunks([p], feat, job.format, job.chunk_rows, need_ivar=needs_ivar(model)):
             if ch.features.shape[1] != model.input_dim:
                 raise ModelFileError(f"features have {ch.features.shape[1]} columns, model expects "
                                      f"{model.input_dim}")

@@ -99,6 +99,12 @@ def chunk_bounds(n: int, chunk_rows: int, runs: Sequence[tuple[int, int, int]] |
         s = e
 
 
+def needs_ivar(model: Any) -> bool:
+    """Whether ``model`` reads the features' ivar (an encoder in front masks ivar-0 pixels): only
+    then do chunks carry it."""
+    return bool(getattr(model, "needs_ivar", False))
+
+
 def store_chunks(path: Path, model: Any, chunk_rows: int) -> Iterator[Chunk]:
     from .store import FeatureStore
     from .train import StoreSource, check_featurizer
@@ -109,14 +115,14 @@ def store_chunks(path: Path, model: Any, chunk_rows: int) -> Iterator[Chunk]:
         if src.dim != model.input_dim:
             raise ModelFileError(f"{path}: {src.dim} features, model {model.mdir.path} expects {model.input_dim}")
         st: FeatureStore = src.store
-        needs_ivar = getattr(model, "needs_ivar", False)
+        with_ivar = needs_ivar(model)
         # Features straight from the file's pages where they lie back to back (the model
         # standardises them into its own buffer: one pass instead of a copy and a pass), chunks
         # cut at the runs' ends; else one reused buffer (each chunk is consumed before the next).
-        runs = None if needs_ivar else st.runs("features")
+        runs = None if with_ivar else st.runs("features")
         shape = (min(chunk_rows, max(st.n, 1)), st.dim)
         buf = None  # made when a slab cannot be mapped
-        ibuf = np.empty(shape, dtype=np.float32) if needs_ivar else None
+        ibuf = np.empty(shape, dtype=np.float32) if with_ivar else None
         blk_s = blk_e = 0
         blk: dict[str, Any] = {}
         for s, e in chunk_bounds(st.n, chunk_rows, runs):
@@ -224,7 +230,7 @@ def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: i
 
 
 def _model_outputs(model: Any, x: np.ndarray, ivar: np.ndarray | None, device: str) -> dict[str, np.ndarray]:
-    if getattr(model, "needs_ivar", False):  # an encoder in front reads raw spectra and their ivar
+    if needs_ivar(model):  # an encoder in front reads raw spectra and their ivar
         return model.predict(x, device=device, ivar=ivar)
     return model.predict(x, device=device)
 
@@ -502,7 +508,7 @@ def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any
             yield from store_chunks(s, model, chunk_rows)
         if files:
             yield from file_chunks(files, feat, format, chunk_rows, threads, readers,
-                                   need_ivar=bool(getattr(model, "needs_ivar", False)))
+                                   need_ivar=needs_ivar(model))
 
     counts: dict[str, int] = {}
     units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}

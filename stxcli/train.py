@@ -140,10 +140,10 @@ class StoreSource(Source):
     def empty_rows(self) -> np.ndarray | None:
         from . import flags as F
 
-        fl = self.store.f["quality"].get("flags")
+        fl = self.store.quality.get("flags")
         if fl is None:
             return None
-        empty = (np.asarray(fl[:]) & F.NO_OVERLAP) != 0
+        empty = (np.asarray(fl) & F.NO_OVERLAP) != 0
         return empty if empty.any() else None
 
     def labels(self, names: Sequence[str]) -> np.ndarray:
