@@ -1,6 +1,8 @@
 """The ``raw`` featurizer: any survey's spectra -> continuum-normalised flux on one rest-frame grid.
 
-Steps, each vectorised over the batch (numerics in :mod:`._rawlib`):
+Steps, each vectorised over the batch (numerics in :mod:`._rawlib`; where a batch allows, the
+per-pixel steps run as the compiled per-spectrum kernels of :mod:`._rawjit` instead, with the
+same arithmetic and the same output: see :data:`COMPILED`):
 
 1. **Clean.** Pixels that are masked, have ivar <= 0 or non-finite flux/ivar carry no
    information (NaN/inf input also sets ``BAD_INPUT``, as does a reader's
@@ -81,6 +83,9 @@ _CACHE_MAX = 64
 #: a half-built entry or the pair (bank, telluric mask) must never be seen by another thread.
 #: Module-level, not per instance, so the featurizer stays picklable; builds are rare.
 _BUILD_LOCK = threading.RLock()
+#: Use the compiled kernels of :mod:`._rawjit` where they cover a batch. False forces the numpy
+#: path everywhere: the reference the tests compare them with.
+COMPILED = True
 
 
 @dataclass
@@ -209,6 +214,7 @@ class RawFeaturizer:
         self.heavy_mask_frac = num("heavy_mask_frac", heavy_mask_frac, 0.0, 1.0)
 
         self._wave, self._edges = L.log_grid(self.wmin, self.wmax, self.dlog)
+        self._log_edges = np.log10(self._edges)
         self._cont_model: L.ContinuumModel | None = None
         self._grids: dict[bytes, L.InputGrid] = {}
         self._degraders: dict[bytes, L.Degrader | None] = {}
@@ -285,8 +291,14 @@ class RawFeaturizer:
         ccf_peak = np.zeros(n)
         has_data = np.zeros(n, bool)
         est = np.zeros(n, bool)
+        snr_l = None
         if live is None or live.size:
-            feat_l, fivar_l, valid_l = self._live(batch, screened, live, rv, need, has_data, est, ccf_peak, notes)
+            grids = self._compiled_grids(batch, live)
+            if grids is not None:
+                feat_l, fivar_l, valid_l, snr_l = self._live_compiled(
+                    batch, screened, live, grids, rv, need, has_data, est, ccf_peak, notes)
+            else:
+                feat_l, fivar_l, valid_l = self._live(batch, screened, live, rv, need, has_data, est, ccf_peak, notes)
         else:
             feat_l = fivar_l = np.zeros((0, m), np.float32)
             valid_l = np.zeros((0, m), bool)
@@ -305,7 +317,9 @@ class RawFeaturizer:
         nvalid = np.count_nonzero(valid, axis=1)
         masked_frac = (1.0 - nvalid / m).astype(np.float32)
         snr = np.zeros(n, np.float32)
-        snr_l = _masked_median(feat_l * np.sqrt(fivar_l), valid_l).astype(np.float32)
+        if snr_l is None:
+            snr_l = _masked_median(feat_l * np.sqrt(fivar_l), valid_l)
+        snr_l = snr_l.astype(np.float32)
         if live is None:
             snr = snr_l
         else:
@@ -326,6 +340,121 @@ class RawFeaturizer:
             "rv_ccf": ccf_peak.astype(np.float32),
         }
         return FeatureBatch(features=feat, ivar=fivar, quality=quality, meta=batch.meta, notes=notes)
+
+    def _compiled_grids(self, batch: SpectrumBatch, live: np.ndarray | None) -> list[L.InputGrid] | None:
+        """Each arm's grid when the compiled kernels cover the batch, else None (the numpy path).
+        They cover the common case: continuum on, one linear or log-linear grid per arm among the
+        live spectra, and resolution matching (if any) from the arms' resolving power rather than
+        per-spectrum resolution matrices."""
+        if not COMPILED or self.continuum != "spline":
+            return None
+        grids = []
+        for arm in batch.arms:
+            groups = self._row_groups(arm, live)
+            if len(groups) != 1:
+                return None
+            grid = self._grid(groups[0][1])
+            if grid.kind == "general":
+                return None
+            if self.target_r is not None and self.use_resolution_matrix and arm.resolution is not None:
+                return None
+            grids.append(grid)
+        return grids
+
+    def _live_compiled(self, batch: SpectrumBatch, screened: list[tuple[np.ndarray, np.ndarray]],
+                       live: np.ndarray | None, grids: list[L.InputGrid], rv: np.ndarray, need: np.ndarray,
+                       has_data: np.ndarray, est: np.ndarray, ccf_peak: np.ndarray, notes: list[str]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_live` by the compiled kernels of :mod:`._rawjit`, one spectrum at a time (the
+        same steps, equal to float32 rounding), plus the SNR. The continuum fit and the RV
+        cross-correlation stay batched matrix products."""
+        from . import _rawjit as J
+
+        nl = batch.n if live is None else live.size
+        rows = np.arange(batch.n, dtype=np.int64) if live is None else live.astype(np.int64)
+        m = self.dim
+
+        # 1. one scale per spectrum over all arms
+        data = [(np.ascontiguousarray(arm.flux, dtype=np.float32), np.ascontiguousarray(arm.ivar, dtype=np.float32))
+                for arm in batch.arms]
+        asum = np.zeros(nl)
+        gsum = np.zeros(nl, np.int64)
+        for (flux, _), (good, _) in zip(data, screened):
+            J.scale_sums(flux, good, rows, asum, gsum)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = asum / gsum
+        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+        inv_scale = (1.0 / scale).astype(np.float32)
+
+        # 2-3. resolution matching and the observed frame, per arm
+        s_fi = np.zeros((m, nl), np.float32)
+        s_i = np.zeros((m, nl), np.float32)
+        hd = np.zeros(nl, bool)
+        pieces: list[tuple[L.InputGrid, np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        used_nominal = 0
+        none_i = np.zeros(1, np.int32)
+        none_f = np.zeros(1, np.float32)
+        for arm, grid, (flux, ivar), (good, _) in zip(batch.arms, grids, data, screened):
+            npix = grid.npix
+            ngood = int(np.count_nonzero(good, axis=1)[rows].sum())
+            total = nl * npix
+            allgood = ngood == total
+            mode, deg = J.DEG_NONE, None
+            if self.target_r is not None and ngood:
+                deg, nominal = self._nominal_degrader(arm, grid)
+                used_nominal += nominal
+                if deg is not None:
+                    mode = (J.DEG_ALLGOOD if allgood else
+                            J.DEG_DENSE if total - ngood > L._SPARSE_BAD_FRAC * total else J.DEG_SPARSE)
+            k = deg.k if deg is not None else None
+            j0, j1 = self._bin_range(grid, 1.0, 1.0)
+            j1 = max(j0, j1)
+            edges = self._edges[j0: j1 + 1]
+            if j1 > j0:
+                o = _cached(self._zero_mats, _key(grid.wave, edges), lambda: _zero_velocity_mats(grid, edges))[0]
+                o_arr = (o.indptr, o.indices, o.data, o.data * o.data)
+            else:
+                o_arr = (np.zeros(1, np.int32), none_i, none_f, none_f)
+            thr = (self.min_coverage * np.diff(edges)).astype(np.float32)
+            w = grid.width.astype(np.float32)
+            a, v = (np.empty((nl, npix), np.float32) for _ in range(2))
+            b = np.empty((0 if allgood else nl, npix), np.float32)  # the widths where all is good
+            hg = np.empty(nl, bool)
+            J.observed_arm(flux, ivar, good, rows, inv_scale, mode,
+                           none_i if k is None else k.indptr, none_i if k is None else k.indices,
+                           none_f if k is None else k.data, none_f if k is None else k.data * k.data,
+                           w, w * w, allgood, *o_arr, j0, thr, a, b, v, hg, s_fi, s_i)
+            hd |= hg
+            pieces.append((grid, a, b, v, allgood))
+        del data
+        if used_nominal:
+            notes.append(f"resolution matrix missing for {used_nominal} arm(s): used their resolving_power")
+        flux_o, ivar_o = _finish_combination(s_fi, s_i)
+        zfac, cont_o = self._velocities(flux_o, ivar_o, hd, live, rv, need, has_data, est, ccf_peak, notes)
+        assert cont_o is not None  # continuum == "spline"
+
+        # 4. rest frame, spectrum-major; 5-6. normalisation, missing pixels, SNR
+        if np.all(zfac == 1.0):
+            flux_r = np.ascontiguousarray(flux_o.T)
+            ivar_r = np.ascontiguousarray(ivar_o.T)
+        else:
+            del flux_o, ivar_o
+            flux_r = np.zeros((nl, m), np.float32)
+            ivar_r = np.zeros((nl, m), np.float32)
+            minc_w = (self.min_coverage * np.diff(self._edges)).astype(np.float32)
+            for grid, a, b, v, allgood in pieces:
+                j0, j1 = self._bin_range(grid, float(zfac.min()), float(zfac.max()))
+                if j1 > j0:
+                    J.rest_arm(a, b, v, allgood, 0 if grid.kind == "linear" else 1, grid.x0, grid.step,
+                               grid.edges - grid.edges[0], grid.width, self._edges, self._log_edges, j0, j1,
+                               minc_w, zfac, np.log10(zfac), flux_r, ivar_r)
+            J.finish(flux_r, ivar_r)
+        del pieces
+        valid = np.empty((nl, m), bool)
+        snr = np.empty(nl)
+        J.normalise(flux_r, ivar_r, np.ascontiguousarray(cont_o.T), np.log10(zfac) / self.dlog,
+                    float(self.cont_floor), np.float32(1.0), valid, snr)
+        return flux_r, ivar_r, valid, snr
 
     def _live(self, batch: SpectrumBatch, screened: list[tuple[np.ndarray, np.ndarray]], live: np.ndarray | None,
               rv: np.ndarray, need: np.ndarray, has_data: np.ndarray, est: np.ndarray, ccf_peak: np.ndarray,
@@ -389,25 +518,7 @@ class RawFeaturizer:
                 hd |= pc.has_good
             else:
                 hd[pc.cols[pc.has_good]] = True
-        sel = slice(None) if live is None else live
-        has_data[sel] = hd
-        est_l = need[sel] & hd
-        est[sel] = est_l
-        cont_o = None
-        if self.continuum == "spline":
-            cont_o = self._continuum(flux_o, ivar_o, self.cont_iter)
-        rv_l = rv[sel].copy()
-        if est_l.any():
-            ce = np.flatnonzero(est_l)
-            full = ce.size == nl
-            v, peak = self._estimate_rv(flux_o if full else flux_o[:, ce], ivar_o if full else ivar_o[:, ce],
-                                        None if cont_o is None else (cont_o if full else cont_o[:, ce]), notes)
-            rv_l[ce] = v
-            pk = np.zeros(nl)
-            pk[ce] = peak
-            ccf_peak[sel] = pk
-        rv[sel] = rv_l
-        zfac = 1.0 + rv_l / C_KMS
+        zfac, cont_o = self._velocities(flux_o, ivar_o, hd, live, rv, need, has_data, est, ccf_peak, notes)
 
         # 4. rest frame: exact rebinning at each spectrum's velocity, arms combined by ivar; from
         # here on spectrum-major (the output's layout): the continuum is shifted row by row
@@ -442,6 +553,34 @@ class RawFeaturizer:
         np.copyto(feat, fill, where=invalid)
         np.copyto(fivar, np.float32(0.0), where=invalid)
         return feat, fivar, valid
+
+    def _velocities(self, flux_o: np.ndarray, ivar_o: np.ndarray, hd: np.ndarray, live: np.ndarray | None,
+                    rv: np.ndarray, need: np.ndarray, has_data: np.ndarray, est: np.ndarray, ccf_peak: np.ndarray,
+                    notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Step 3 after the observed-frame rebinning ``(m, nl)``: the continuum there (None with
+        ``continuum="none"``) and each live spectrum's ``zfac``, estimated by cross-correlation where
+        needed and possible (``hd``: the spectrum kept data). Fills ``rv``, ``has_data``, ``est``
+        and ``ccf_peak`` (length-n arrays) in place."""
+        nl = hd.size
+        sel = slice(None) if live is None else live
+        has_data[sel] = hd
+        est_l = need[sel] & hd
+        est[sel] = est_l
+        cont_o = None
+        if self.continuum == "spline":
+            cont_o = self._continuum(flux_o, ivar_o, self.cont_iter)
+        rv_l = rv[sel].copy()
+        if est_l.any():
+            ce = np.flatnonzero(est_l)
+            full = ce.size == nl
+            v, peak = self._estimate_rv(flux_o if full else flux_o[:, ce], ivar_o if full else ivar_o[:, ce],
+                                        None if cont_o is None else (cont_o if full else cont_o[:, ce]), notes)
+            rv_l[ce] = v
+            pk = np.zeros(nl)
+            pk[ce] = peak
+            ccf_peak[sel] = pk
+        rv[sel] = rv_l
+        return 1.0 + rv_l / C_KMS, cont_o
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -533,15 +672,21 @@ class RawFeaturizer:
             sigma = np.sqrt(np.clip(s_t * s_t - sig_src * sig_src, 0.0, None))
             f2, g2, v2 = L.degrade_per_spectrum(grid, sigma, f, g, vv)
             return f2, g2, v2, 0
-        r_src = self._source_r(arm, grid)
-        key = _key(grid.wave, r_src, np.array([self.target_r]))
-        deg = _cached(self._degraders, key,
-                      lambda: L.build_degrader(grid, L.kernel_sigma(grid.wave, r_src, self.target_r)))
-        nominal = int(self.use_resolution_matrix)  # asked for the matrix, the arm had none
+        deg, nominal = self._nominal_degrader(arm, grid)
         if deg is None:
             return f, g, vv, nominal
         f2, g2, v2 = L.apply_degrader(deg, f, g, vv, zeroed=True)
         return f2, g2, v2, nominal
+
+    def _nominal_degrader(self, arm: Arm, grid: L.InputGrid) -> tuple[L.Degrader | None, int]:
+        """The cached fixed kernel from the arm's resolving power to ``target_r`` (None: the arm is
+        nowhere sharper), and 1 when a resolution matrix was asked for but the arm has none."""
+        assert self.target_r is not None
+        r_src = self._source_r(arm, grid)
+        key = _key(grid.wave, r_src, np.array([self.target_r]))
+        deg = _cached(self._degraders, key,
+                      lambda: L.build_degrader(grid, L.kernel_sigma(grid.wave, r_src, self.target_r)))
+        return deg, int(self.use_resolution_matrix)
 
     # ----------------------------------------------------------------------- rest frame, RV
 
@@ -612,13 +757,18 @@ class RawFeaturizer:
 
     def prepare(self) -> None:
         """Build what does not depend on the input (the continuum basis, the RV templates and their
-        shifted bank) and do the transform's imports, so that worker processes forked after this
+        shifted bank), do the transform's imports and compile its kernels (:func:`._rawjit.compile_all`;
+        loaded from numba's cache after the first time), so that worker processes forked after this
         call inherit them instead of each building them on its first file. Templates that do not
         overlap the grid are an error only when a velocity has to be estimated."""
         import importlib
 
         for module in ("scipy.sparse", "scipy.special", "scipy.linalg"):  # the transform's lazy imports
             importlib.import_module(module)
+        if COMPILED:
+            from . import _rawjit
+
+            _rawjit.compile_all()
         self._model()
         if self.rv in ("auto", "estimate"):
             try:

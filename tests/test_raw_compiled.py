@@ -1,0 +1,142 @@
+"""The raw featurizer's compiled kernels (``_rawjit``) against its numpy path, the reference.
+
+Both paths run the same steps in the same float32 order; they must agree to float32 rounding on
+real survey files and on batches that reach every branch of the kernels (bad pixels few and
+many, NaN input, dead fibres, no resolution matching, no velocity shift, linear and log grids).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stx_builtin.featurizers import _rawjit as J
+from stx_builtin.featurizers import raw as R
+from stx_builtin.featurizers.raw import RawFeaturizer
+
+from test_raw_featurizer import DATA, _read_all, linear_grid, make_batch
+
+
+def _both(featurizer: RawFeaturizer, batch, monkeypatch):
+    """(numpy, compiled) outputs of one batch; fails unless the compiled path really ran."""
+    monkeypatch.setattr(R, "COMPILED", False)
+    ref = featurizer.transform(batch)
+    monkeypatch.setattr(R, "COMPILED", True)
+    calls = []
+    real = J.observed_arm
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(J, "observed_arm", spy)
+    out = featurizer.transform(batch)
+    assert calls, "the compiled path did not run"
+    return ref, out
+
+
+def _assert_same(ref, out) -> None:
+    np.testing.assert_array_equal(ref.ivar > 0, out.ivar > 0)
+    np.testing.assert_allclose(out.features, ref.features, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(out.ivar, ref.ivar, rtol=2e-5, atol=0)
+    for k in ("masked_frac", "flags"):
+        np.testing.assert_array_equal(out.quality[k], ref.quality[k])
+    for k in ("snr", "rv_kms", "rv_ccf"):
+        np.testing.assert_allclose(out.quality[k], ref.quality[k], rtol=1e-5, atol=1e-6)
+    assert out.notes == ref.notes
+
+
+REAL = {
+    "desi-sv3": ("desi-edr", "coadd-sv3-dark-26065.fits"),
+    "desi-sv1": ("desi-edr", "coadd-5-169-thru20210419.fits"),
+    "lamost-dr1": ("lamost-dr1/spectra", "*.fits"),
+    "lamost-later": ("lamost-later", "spec-*.fits*"),
+    "lamost-dr10": ("lamost-dr10/spectra", "*.fits.gz"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_files_equal_the_numpy_path(name, monkeypatch):
+    folder, pattern = REAL[name]
+    paths = sorted((DATA / folder).glob(pattern))[:3]
+    assert paths, f"no {pattern} in {DATA / folder}"
+    for path in paths:
+        ref, out = _both(RawFeaturizer(), _read_all(path), monkeypatch)
+        _assert_same(ref, out)
+        assert (out.ivar > 0).any()
+
+
+def _noisy(n: int, wave: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lines = 1 - 0.4 * np.exp(-0.5 * ((wave[None, :] - rng.uniform(4000, 8600, (40, 1))) / 2.0) ** 2).sum(0)
+    flux = (rng.uniform(0.5, 5, (n, 1)) * lines * (1 + 0.02 * rng.standard_normal((n, wave.size))))
+    ivar = rng.uniform(500, 5000, (n, 1)) * np.ones(wave.size)
+    return flux.astype(np.float32), ivar.astype(np.float32)
+
+
+@pytest.mark.parametrize("case", ["allgood", "few-bad", "many-bad", "dead-nan", "no-degrade", "at-rest",
+                                  "known-rv", "log-grid", "two-arms"])
+def test_every_kernel_branch_equals_the_numpy_path(case, monkeypatch):
+    n = 70  # more than one block of the kernels, and a partial one
+    wave, _ = linear_grid(3700, 9200, 0.8)
+    if case == "log-grid":
+        wave = 10 ** np.arange(np.log10(3700), np.log10(9200), 6.9e-5)
+    flux, ivar = _noisy(n, wave, seed=len(case))
+    rng = np.random.default_rng(1)
+    mask = np.zeros(flux.shape, bool)
+    rv = np.full(n, np.nan)
+    kw: dict = {}
+    if case == "few-bad":  # < 5 % of the pixels: re-normalised next to them only
+        mask[rng.random(flux.shape) < 0.01] = True
+        ivar[:, :30] = 0
+    elif case == "many-bad":  # > 5 %: re-normalised everywhere
+        mask[rng.random(flux.shape) < 0.2] = True
+    elif case == "dead-nan":
+        ivar[[3, 40]] = 0
+        flux[7, 100:120] = np.nan
+        ivar[9, 2000] = np.inf
+    elif case == "no-degrade":
+        kw["target_r"] = None
+    elif case == "at-rest":
+        kw["rv"] = "none"
+    elif case == "known-rv":
+        rv = rng.uniform(-300, 300, n)
+        rv[::3] = np.nan
+    f = RawFeaturizer(**kw)
+    r = None if kw.get("target_r", 1800) is None else 4000.0
+    if case == "two-arms":
+        from stxcli.spectra import Arm
+
+        batch = make_batch(wave, flux, ivar, rv=rv, r=r, mask=mask)
+        w2, _ = linear_grid(5600, 9800, 0.9)
+        f2, i2 = _noisy(n, w2, seed=99)
+        batch.arms.append(Arm("b", w2, f2, i2, None, resolving_power=3000.0))
+    else:
+        batch = make_batch(wave, flux, ivar, rv=rv, r=r, mask=mask)
+    ref, out = _both(f, batch, monkeypatch)
+    _assert_same(ref, out)
+    live = np.ones(n, bool)
+    if case == "dead-nan":
+        live[[3, 40]] = False
+        assert (out.ivar[~live] == 0).all()
+    assert (out.ivar[live] > 0).sum(axis=1).min() > 1000
+
+
+def test_what_the_kernels_do_not_cover_takes_the_numpy_path(monkeypatch):
+    wave, _ = linear_grid(3700, 9200, 0.8)
+    flux, ivar = _noisy(4, wave, seed=3)
+    batch = make_batch(wave, flux, ivar, r=4000.0)
+    assert RawFeaturizer()._compiled_grids(batch, None) is not None
+    assert RawFeaturizer(continuum="none")._compiled_grids(batch, None) is None
+    irregular = np.sort(np.random.default_rng(0).uniform(3700, 9200, wave.size))
+    assert RawFeaturizer()._compiled_grids(make_batch(irregular, flux, ivar, r=4000.0), None) is None
+    # MILES: a linear grid in air, converted to vacuum, is neither linear nor log-linear
+    miles = _read_all(DATA / "miles" / "spectra" / "MILES_res2.50_star_m0001V.fits")
+    assert RawFeaturizer()._compiled_grids(miles, None) is None
+    desi = _read_all(DATA / "desi-edr" / "coadd-sv3-dark-26065.fits", with_resolution=True)
+    assert RawFeaturizer()._compiled_grids(desi, None) is not None
+    assert RawFeaturizer(use_resolution_matrix=True)._compiled_grids(desi, None) is None
+    monkeypatch.setattr(R, "COMPILED", False)
+    assert RawFeaturizer()._compiled_grids(batch, None) is None
