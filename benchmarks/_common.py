@@ -54,13 +54,15 @@ def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
     return min(times)
 
 
-def peak_rss_mb(code: str) -> float:
-    """Peak resident memory (MB) of a fresh Python process running ``code``."""
+def peak_rss_mb(code: str, env: dict[str, str] | None = None) -> float:
+    """Peak resident memory (MB) of a fresh Python process running ``code`` (``env``: variables
+    added to this process's environment)."""
     # VmHWM is this process's own high-water mark; ru_maxrss would carry over the parent's
     # (the benchmark's) peak across fork + exec on Linux.
     probe = (code + "\nfor line in open('/proc/self/status'):\n"
              "    if line.startswith('VmHWM'): print('PEAK', int(line.split()[1]) / 1024.0)")
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO,
+                         env=None if env is None else {**os.environ, **env})
     if res.returncode != 0:
         raise RuntimeError(res.stderr)
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("PEAK")][-1]

@@ -331,6 +331,9 @@ def main() -> None:
     ap.add_argument("--n-finetune", type=int, default=None, help="target stars (default 5000; quick 2000)")
     ap.add_argument("--ft-epochs", type=int, default=3, help="epochs per timed stx finetune run")
     ap.add_argument("--e2e", default=None, help="FILESxROWS of the end-to-end predict (default 4x1000; quick 2x500)")
+    ap.add_argument("--e2e-reps", type=int, default=7,
+                    help="alternating repetitions of the end-to-end predict and specutils' read (best kept): "
+                         "each takes about a second, and single ones swing by +-30 %% on a shared 2-core VM")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
     n = args.n or (20000 if args.quick else 100000)
@@ -379,8 +382,8 @@ def main() -> None:
     ft = finetune_speed(tmp / "model", target, tmp, hidden, args.threads, args.ft_epochs, args.epochs)
     # -- predict end to end from DESI coadd files vs specutils' read of the same files
     raw = raw_model(tmp / "raw", hidden=tuple(hidden), threads=args.threads)
-    e2e = e2e_predict(tmp, raw, e2e_files, e2e_rows, args.threads, args.epochs)
-    e2e_live = e2e_predict(tmp, raw, e2e_files, e2e_rows, args.threads, args.epochs, live_only=True)
+    e2e = e2e_predict(tmp, raw, e2e_files, e2e_rows, args.threads, args.e2e_reps)
+    e2e_live = e2e_predict(tmp, raw, e2e_files, e2e_rows, args.threads, args.e2e_reps, live_only=True)
     result = {
         "n": n, "dim": args.dim, "hidden": hidden, "threads": args.threads, "n_train": n_train,
         "store_write_s": round(t_store, 2),

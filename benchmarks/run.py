@@ -142,6 +142,10 @@ def rows_featurize(d: dict[str, Any]) -> list[Row]:
         rows.append(Row("peak memory, featurize that coadd", f"{r['stx_featurize']:.0f} MB",
                         f"specutils read {r['specutils_read']:.0f} MB", f"{r['ratio']:.2f}x", "< 0.5x",
                         r["ratio"] < 0.5))
+        if "stx_featurize_numpy_kernels" in r:
+            rows.append(Row("the same, `STX_KERNELS=numpy` (no numba)", f"{r['stx_featurize_numpy_kernels']:.0f} MB",
+                            f"specutils read {r['specutils_read']:.0f} MB", f"{r['ratio_numpy_kernels']:.2f}x",
+                            "< 0.5x", r["ratio_numpy_kernels"] < 0.5))
     r = d.get("startup")
     if r:
         rows.append(Row("`stx --help`", f"{r['stx_help_s']:.2f} s", f"`python -c pass` {r['python_pass_s']:.2f} s",

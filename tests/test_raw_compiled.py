@@ -20,10 +20,12 @@ from test_raw_featurizer import DATA, _read_all, linear_grid, make_batch
 
 
 def _both(featurizer: RawFeaturizer, batch, monkeypatch):
-    """(numpy, compiled) outputs of one batch; fails unless the compiled path really ran."""
-    monkeypatch.setattr(R, "COMPILED", False)
+    """(numpy, compiled) outputs of one batch; fails unless the compiled path really ran (on
+    any number of spectra: one-spectrum LAMOST files would otherwise take the numpy path)."""
+    monkeypatch.setattr(R, "MIN_COMPILED_ROWS", 1)
+    monkeypatch.setenv("STX_KERNELS", "numpy")
     ref = featurizer.transform(batch)
-    monkeypatch.setattr(R, "COMPILED", True)
+    monkeypatch.setenv("STX_KERNELS", "compiled")
     calls = []
     real = J.observed_arm
 
@@ -126,17 +128,53 @@ def test_every_kernel_branch_equals_the_numpy_path(case, monkeypatch):
 
 def test_what_the_kernels_do_not_cover_takes_the_numpy_path(monkeypatch):
     wave, _ = linear_grid(3700, 9200, 0.8)
-    flux, ivar = _noisy(4, wave, seed=3)
+    flux, ivar = _noisy(R.MIN_COMPILED_ROWS, wave, seed=3)
     batch = make_batch(wave, flux, ivar, r=4000.0)
     assert RawFeaturizer()._compiled_grids(batch, None) is not None
     assert RawFeaturizer(continuum="none")._compiled_grids(batch, None) is None
     irregular = np.sort(np.random.default_rng(0).uniform(3700, 9200, wave.size))
     assert RawFeaturizer()._compiled_grids(make_batch(irregular, flux, ivar, r=4000.0), None) is None
+    monkeypatch.setattr(R, "MIN_COMPILED_ROWS", 1)  # the real files below hold 1 and 5 spectra
     # MILES: a linear grid in air, converted to vacuum, is neither linear nor log-linear
     miles = _read_all(DATA / "miles" / "spectra" / "MILES_res2.50_star_m0001V.fits")
     assert RawFeaturizer()._compiled_grids(miles, None) is None
     desi = _read_all(DATA / "desi-edr" / "coadd-sv3-dark-26065.fits", with_resolution=True)
     assert RawFeaturizer()._compiled_grids(desi, None) is not None
     assert RawFeaturizer(use_resolution_matrix=True)._compiled_grids(desi, None) is None
-    monkeypatch.setattr(R, "COMPILED", False)
+    monkeypatch.setenv("STX_KERNELS", "numpy")
     assert RawFeaturizer()._compiled_grids(batch, None) is None
+    assert RawFeaturizer()._compiled_grids(desi, None) is None
+    monkeypatch.setenv("STX_KERNELS", "Compiled ")  # case and spaces are forgiven
+    assert RawFeaturizer()._compiled_grids(batch, None) is not None
+    # a spectrum or a few: the kernels' setup costs more than they save
+    monkeypatch.undo()
+    few = make_batch(wave, flux[: R.MIN_COMPILED_ROWS - 1], ivar[: R.MIN_COMPILED_ROWS - 1], r=4000.0)
+    assert RawFeaturizer()._compiled_grids(few, None) is None
+
+
+def test_a_bad_kernels_setting_is_a_usage_error(monkeypatch):
+    from stxcli.errors import UsageError
+
+    monkeypatch.setenv("STX_KERNELS", "fast")
+    with pytest.raises(UsageError, match="STX_KERNELS must be 'compiled' or 'numpy', got 'fast'"):
+        RawFeaturizer()
+
+
+def test_the_numpy_setting_never_imports_numba(tmp_path):
+    """STX_KERNELS=numpy is the memory-lean mode: numba (about 110 MB resident) stays out."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "sys.path.insert(0, 'tests')\n"
+            "from test_raw_featurizer import linear_grid, make_batch\n"
+            "from stx_builtin.featurizers.raw import RawFeaturizer\n"
+            "wave, _ = linear_grid(3700, 9200, 0.8)\n"
+            "fb = RawFeaturizer().transform(make_batch(wave, np.ones((20, wave.size)), r=4000.0))\n"
+            "print((fb.ivar > 0).any(axis=1).all(), 'numba' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    for setting, numba_loaded in (("numpy", "False"), ("compiled", "True")):
+        env = {**__import__("os").environ, "STX_KERNELS": setting}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["True", numba_loaded], (setting, out.stdout)

@@ -2,7 +2,7 @@
 
 Steps, each vectorised over the batch (numerics in :mod:`._rawlib`; where a batch allows, the
 per-pixel steps run as the compiled per-spectrum kernels of :mod:`._rawjit` instead, with the
-same arithmetic and the same output: see :data:`COMPILED`):
+same arithmetic and the same output: see :func:`kernels`):
 
 1. **Clean.** Pixels that are masked, have ivar <= 0 or non-finite flux/ivar carry no
    information (NaN/inf input also sets ``BAD_INPUT``, as does a reader's
@@ -57,6 +57,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +84,21 @@ _CACHE_MAX = 64
 #: a half-built entry or the pair (bank, telluric mask) must never be seen by another thread.
 #: Module-level, not per instance, so the featurizer stays picklable; builds are rare.
 _BUILD_LOCK = threading.RLock()
-#: Use the compiled kernels of :mod:`._rawjit` where they cover a batch. False forces the numpy
-#: path everywhere: the reference the tests compare them with.
-COMPILED = True
+#: Batches with fewer spectra with data take the numpy path: the kernels' per-call setup (block
+#: buffers of 64 spectra) costs more than it saves on a spectrum or two (measured: 0.8x at 1
+#: spectrum, 1.1x at 4, 1.1-1.8x from 16 on).
+MIN_COMPILED_ROWS = 8
+KERNELS_ENV = "STX_KERNELS"
+
+
+def kernels() -> str:
+    """``$STX_KERNELS``: ``compiled`` (default; the kernels of :mod:`._rawjit` where they cover a
+    batch) or ``numpy`` (never; numba is then not even imported: about 110 MB less resident
+    memory per process, for 1.3-1.8x slower featurizing). Both give the same features."""
+    value = os.environ.get(KERNELS_ENV, "").strip().lower() or "compiled"
+    if value not in ("compiled", "numpy"):
+        raise UsageError(f"{KERNELS_ENV} must be 'compiled' or 'numpy', got {value!r}")
+    return value
 
 
 @dataclass
@@ -222,6 +235,7 @@ class RawFeaturizer:
         self._ccf_templates: np.ndarray | None = None
         self._ccf_bank: L.CcfBank | None = None
         self._tell = np.zeros(self.dim, bool)
+        kernels()  # a bad $STX_KERNELS is an error before any work, not at the first batch
 
     # ----------------------------------------------------------------------------- contract
 
@@ -343,10 +357,12 @@ class RawFeaturizer:
 
     def _compiled_grids(self, batch: SpectrumBatch, live: np.ndarray | None) -> list[L.InputGrid] | None:
         """Each arm's grid when the compiled kernels cover the batch, else None (the numpy path).
-        They cover the common case: continuum on, one linear or log-linear grid per arm among the
-        live spectra, and resolution matching (if any) from the arms' resolving power rather than
-        per-spectrum resolution matrices."""
-        if not COMPILED or self.continuum != "spline":
+        They cover the common case: at least :data:`MIN_COMPILED_ROWS` live spectra, continuum on,
+        one linear or log-linear grid per arm among them, and resolution matching (if any) from the
+        arms' resolving power rather than per-spectrum resolution matrices; and ``$STX_KERNELS``
+        is not ``numpy``."""
+        nl = batch.n if live is None else live.size
+        if nl < MIN_COMPILED_ROWS or self.continuum != "spline" or kernels() != "compiled":
             return None
         grids = []
         for arm in batch.arms:
@@ -426,6 +442,7 @@ class RawFeaturizer:
                            w, w * w, allgood, *o_arr, j0, thr, a, b, v, hg, s_fi, s_i)
             hd |= hg
             pieces.append((grid, a, b, v, allgood))
+            del a, b, v
         del data
         if used_nominal:
             notes.append(f"resolution matrix missing for {used_nominal} arm(s): used their resolving_power")
@@ -442,12 +459,14 @@ class RawFeaturizer:
             flux_r = np.zeros((nl, m), np.float32)
             ivar_r = np.zeros((nl, m), np.float32)
             minc_w = (self.min_coverage * np.diff(self._edges)).astype(np.float32)
-            for grid, a, b, v, allgood in pieces:
+            while pieces:  # each arm's arrays freed as soon as it is rebinned
+                grid, a, b, v, allgood = pieces.pop(0)
                 j0, j1 = self._bin_range(grid, float(zfac.min()), float(zfac.max()))
                 if j1 > j0:
                     J.rest_arm(a, b, v, allgood, 0 if grid.kind == "linear" else 1, grid.x0, grid.step,
                                grid.edges - grid.edges[0], grid.width, self._edges, self._log_edges, j0, j1,
                                minc_w, zfac, np.log10(zfac), flux_r, ivar_r)
+                del a, b, v
             J.finish(flux_r, ivar_r)
         del pieces
         valid = np.empty((nl, m), bool)
@@ -757,18 +776,13 @@ class RawFeaturizer:
 
     def prepare(self) -> None:
         """Build what does not depend on the input (the continuum basis, the RV templates and their
-        shifted bank), do the transform's imports and compile its kernels (:func:`._rawjit.compile_all`;
-        loaded from numba's cache after the first time), so that worker processes forked after this
+        shifted bank) and do the transform's imports, so that worker processes forked after this
         call inherit them instead of each building them on its first file. Templates that do not
         overlap the grid are an error only when a velocity has to be estimated."""
         import importlib
 
         for module in ("scipy.sparse", "scipy.special", "scipy.linalg"):  # the transform's lazy imports
             importlib.import_module(module)
-        if COMPILED:
-            from . import _rawjit
-
-            _rawjit.compile_all()
         self._model()
         if self.rv in ("auto", "estimate"):
             try:
