@@ -85,9 +85,9 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, k_ptr, k_idx, k_va
     npix = flux.shape[1]
     nbin = o_ptr.size - 1
     nrow = rows.size
-    fb = np.zeros((npix, _BLOCK), np.float32)  # cleaned input block
-    vb = np.zeros((npix, _BLOCK), np.float32)
-    gb = np.zeros((npix, _BLOCK), np.float32)  # 1 = good
+    fb = np.empty((npix, _BLOCK), np.float32)  # cleaned input block (every entry written below)
+    vb = np.empty((npix, _BLOCK), np.float32)
+    gb = np.empty((npix, _BLOCK), np.float32)  # 1 = good
     ab = np.empty((npix, _BLOCK), np.float32)  # outputs a, b, v of the block
     bb = np.empty((npix, _BLOCK), np.float32)
     wb = np.empty((npix, _BLOCK), np.float32)
