@@ -286,7 +286,7 @@ def _checksum(f: Any, chunk_rows: int = 8192, slab_rows: int = 1024) -> str:
         e = min(s + chunk_rows, n)
         for name in ("features", "ivar"):
             for a in range(s, e, slab_rows):
-                h.update(np.ascontiguousarray(f[name][a:min(a + slab_rows, e)]).tobytes())
+                h.update(np.ascontiguousarray(f[name][a:min(a + slab_rows, e)]))  # the buffer: no bytes copy
     return h.hexdigest()
 
 

@@ -127,6 +127,7 @@ def test_every_kernel_branch_equals_the_numpy_path(case, monkeypatch):
 
 
 def test_what_the_kernels_do_not_cover_takes_the_numpy_path(monkeypatch):
+    monkeypatch.setenv("STX_KERNELS", "compiled")
     wave, _ = linear_grid(3700, 9200, 0.8)
     flux, ivar = _noisy(R.MIN_COMPILED_ROWS, wave, seed=3)
     batch = make_batch(wave, flux, ivar, r=4000.0)
@@ -147,7 +148,7 @@ def test_what_the_kernels_do_not_cover_takes_the_numpy_path(monkeypatch):
     monkeypatch.setenv("STX_KERNELS", "Compiled ")  # case and spaces are forgiven
     assert RawFeaturizer()._compiled_grids(batch, None) is not None
     # a spectrum or a few: the kernels' setup costs more than they save
-    monkeypatch.undo()
+    monkeypatch.setattr(R, "MIN_COMPILED_ROWS", 8)
     few = make_batch(wave, flux[: R.MIN_COMPILED_ROWS - 1], ivar[: R.MIN_COMPILED_ROWS - 1], r=4000.0)
     assert RawFeaturizer()._compiled_grids(few, None) is None
 
@@ -156,12 +157,13 @@ def test_a_bad_kernels_setting_is_a_usage_error(monkeypatch):
     from stxcli.errors import UsageError
 
     monkeypatch.setenv("STX_KERNELS", "fast")
-    with pytest.raises(UsageError, match="STX_KERNELS must be 'compiled' or 'numpy', got 'fast'"):
+    with pytest.raises(UsageError, match="STX_KERNELS must be one of auto, compiled, numpy, got 'fast'"):
         RawFeaturizer()
 
 
 def test_the_numpy_setting_never_imports_numba(tmp_path):
-    """STX_KERNELS=numpy is the memory-lean mode: numba (about 110 MB resident) stays out."""
+    """STX_KERNELS=numpy never loads numba (about 110 MB resident), nor does the default (auto)
+    on a small job; compiled loads it at the first batch."""
     import subprocess
     import sys
 
@@ -173,8 +175,36 @@ def test_the_numpy_setting_never_imports_numba(tmp_path):
             "fb = RawFeaturizer().transform(make_batch(wave, np.ones((20, wave.size)), r=4000.0))\n"
             "print((fb.ivar > 0).any(axis=1).all(), 'numba' in sys.modules)")
     root = Path(__file__).resolve().parents[1]
-    for setting, numba_loaded in (("numpy", "False"), ("compiled", "True")):
+    for setting, numba_loaded in (("numpy", "False"), ("auto", "False"), ("compiled", "True")):
         env = {**__import__("os").environ, "STX_KERNELS": setting}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["True", numba_loaded], (setting, out.stdout)
+
+
+def test_auto_turns_to_the_kernels_after_enough_spectra(monkeypatch):
+    """auto: numpy for a process's first AUTO_AFTER_ROWS spectra with data, the kernels after;
+    the features do not change when it turns."""
+    monkeypatch.delenv("STX_KERNELS", raising=False)
+    monkeypatch.setattr(R, "AUTO_AFTER_ROWS", 30)
+    monkeypatch.setattr(R, "_rows_seen", 0)
+    calls = []
+    real = J.observed_arm
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(J, "observed_arm", spy)
+    wave, _ = linear_grid(3700, 9200, 0.8)
+    flux, ivar = _noisy(20, wave, seed=5)
+    batch = make_batch(wave, flux, ivar, r=4000.0)
+    f = RawFeaturizer()
+    outs = []
+    for expect_kernels in (False, False, True, True):  # 0, 20, 40, 60 spectra seen before each
+        outs.append(f.transform(batch))
+        assert bool(calls) == expect_kernels
+        calls.clear()
+    assert R._rows_seen == 80
+    for out in outs[1:]:
+        _assert_same(outs[0], out)

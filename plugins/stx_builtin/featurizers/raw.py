@@ -88,17 +88,41 @@ _BUILD_LOCK = threading.RLock()
 #: buffers of 64 spectra) costs more than it saves on a spectrum or two (measured: 0.8x at 1
 #: spectrum, 1.1x at 4, 1.1-1.8x from 16 on).
 MIN_COMPILED_ROWS = 8
+#: With ``STX_KERNELS=auto`` a process turns to the kernels once it has featurized this many
+#: spectra with data. Loading them (numba's import and their machine code) costs about 0.7 s
+#: and 110 MB resident once per process, which they earn back over about 5,000 spectra (0.44 ->
+#: 0.30 ms each on one thread, DESI coadds): a small job never loads them (a 500-spectrum coadd
+#: took 2.7 s from the command line with them, 1.8 s without), a survey pays at most about twice
+#: the best choice's start-up.
+AUTO_AFTER_ROWS = 5000
 KERNELS_ENV = "STX_KERNELS"
+_KERNEL_MODES = ("auto", "compiled", "numpy")
+_rows_seen = 0  # spectra with data featurized by this process (all instances), for "auto"
 
 
 def kernels() -> str:
-    """``$STX_KERNELS``: ``compiled`` (default; the kernels of :mod:`._rawjit` where they cover a
-    batch) or ``numpy`` (never; numba is then not even imported: about 110 MB less resident
-    memory per process, for 1.3-1.8x slower featurizing). Both give the same features."""
-    value = os.environ.get(KERNELS_ENV, "").strip().lower() or "compiled"
-    if value not in ("compiled", "numpy"):
-        raise UsageError(f"{KERNELS_ENV} must be 'compiled' or 'numpy', got {value!r}")
+    """``$STX_KERNELS``: which implementation runs the raw featurizer's per-pixel steps, for
+    batches that the compiled kernels of :mod:`._rawjit` cover. ``auto`` (default): numpy until
+    the process has featurized :data:`AUTO_AFTER_ROWS` spectra with data, the kernels after;
+    ``compiled``: the kernels from the first batch; ``numpy``: never the kernels (numba is not
+    even imported). All three give the same features."""
+    value = os.environ.get(KERNELS_ENV, "").strip().lower() or "auto"
+    if value not in _KERNEL_MODES:
+        raise UsageError(f"{KERNELS_ENV} must be one of {', '.join(_KERNEL_MODES)}, got {value!r}")
     return value
+
+
+def _turn_to_kernels(n_live: int) -> bool:
+    """Whether a batch of ``n_live`` spectra with data goes to the kernels, by ``$STX_KERNELS``;
+    counts the spectra for ``auto``."""
+    global _rows_seen
+    mode = kernels()
+    if mode == "numpy":
+        return False
+    with _BUILD_LOCK:
+        seen = _rows_seen
+        _rows_seen += n_live
+    return n_live >= MIN_COMPILED_ROWS and (mode == "compiled" or seen >= AUTO_AFTER_ROWS)
 
 
 @dataclass
@@ -357,12 +381,11 @@ class RawFeaturizer:
 
     def _compiled_grids(self, batch: SpectrumBatch, live: np.ndarray | None) -> list[L.InputGrid] | None:
         """Each arm's grid when the compiled kernels cover the batch, else None (the numpy path).
-        They cover the common case: at least :data:`MIN_COMPILED_ROWS` live spectra, continuum on,
-        one linear or log-linear grid per arm among them, and resolution matching (if any) from the
-        arms' resolving power rather than per-spectrum resolution matrices; and ``$STX_KERNELS``
-        is not ``numpy``."""
-        nl = batch.n if live is None else live.size
-        if nl < MIN_COMPILED_ROWS or self.continuum != "spline" or kernels() != "compiled":
+        They cover the common case: continuum on, one linear or log-linear grid per arm among the
+        live spectra, and resolution matching (if any) from the arms' resolving power rather than
+        per-spectrum resolution matrices; whether they run then depends on the batch's size and
+        ``$STX_KERNELS`` (:func:`kernels`)."""
+        if self.continuum != "spline" or not _turn_to_kernels(batch.n if live is None else live.size):
             return None
         grids = []
         for arm in batch.arms:
