@@ -19,14 +19,9 @@ from stx_builtin.featurizers.raw import RawFeaturizer
 from test_raw_featurizer import DATA, _read_all, linear_grid, make_batch
 
 
-def _both(featurizer: RawFeaturizer, batch, monkeypatch):
-    """(numpy, compiled) outputs of one batch; fails unless the compiled path really ran (on
-    any number of spectra: one-spectrum LAMOST files would otherwise take the numpy path)."""
-    monkeypatch.setattr(R, "MIN_COMPILED_ROWS", 1)
-    monkeypatch.setenv("STX_KERNELS", "numpy")
-    ref = featurizer.transform(batch)
-    monkeypatch.setenv("STX_KERNELS", "compiled")
-    calls = []
+def _count_kernel_calls(monkeypatch) -> list[int]:
+    """A list that grows by one per call of the first compiled kernel (``observed_arm``)."""
+    calls: list[int] = []
     real = J.observed_arm
 
     def spy(*args):
@@ -34,6 +29,17 @@ def _both(featurizer: RawFeaturizer, batch, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(J, "observed_arm", spy)
+    return calls
+
+
+def _both(featurizer: RawFeaturizer, batch, monkeypatch):
+    """(numpy, compiled) outputs of one batch; fails unless the compiled path really ran (on
+    any number of spectra: one-spectrum LAMOST files would otherwise take the numpy path)."""
+    monkeypatch.setattr(R, "MIN_COMPILED_ROWS", 1)
+    monkeypatch.setenv("STX_KERNELS", "numpy")
+    ref = featurizer.transform(batch)
+    monkeypatch.setenv("STX_KERNELS", "compiled")
+    calls = _count_kernel_calls(monkeypatch)
     out = featurizer.transform(batch)
     assert calls, "the compiled path did not run"
     return ref, out
@@ -188,14 +194,7 @@ def test_auto_turns_to_the_kernels_after_enough_spectra(monkeypatch):
     monkeypatch.delenv("STX_KERNELS", raising=False)
     monkeypatch.setattr(R, "AUTO_AFTER_ROWS", 30)
     monkeypatch.setattr(R, "_rows_seen", 0)
-    calls = []
-    real = J.observed_arm
-
-    def spy(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(J, "observed_arm", spy)
+    calls = _count_kernel_calls(monkeypatch)
     wave, _ = linear_grid(3700, 9200, 0.8)
     flux, ivar = _noisy(20, wave, seed=5)
     batch = make_batch(wave, flux, ivar, r=4000.0)
