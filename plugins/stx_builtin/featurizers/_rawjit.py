@@ -5,8 +5,9 @@ The numpy path of :mod:`._rawlib` is vectorised over a batch: every step streams
 per-pixel steps while its arm (tens of KB) sits in cache: cleaning and scaling, the resolution
 kernel, the observed-frame rebinning and the arm combination (:func:`observed_arm`); the
 rest-frame rebinning at the spectrum's velocity (:func:`rest_arm`, :func:`finish`); the continuum
-shift, normalisation, validity and the SNR median (:func:`normalise`). What stays batched in
-numpy is what a matrix product does best: the continuum fit and the RV cross-correlation.
+shift, normalisation, validity and the SNR median (:func:`normalise`); and the line depths the
+RV cross-correlation takes (:func:`rv_depth`). What stays batched in numpy is what a matrix
+product does best: the continuum fit and the cross-correlation itself.
 
 Each kernel mirrors the numpy path's arithmetic step for step, in float32 and in the same order
 (sparse rows summed in stored order, no fused multiply-add: numba keeps IEEE semantics without
@@ -368,3 +369,31 @@ def normalise(flux, ivar, cont, shift, cont_floor, fill, valid, snr):  # type: i
         med = float(part[h]) if nv % 2 == 1 else 0.5 * (float(part[:h].max()) + float(part[h]))
         snr[i] = med if np.isfinite(med) else 0.0
 
+
+
+@njit(**_JIT)
+def rv_depth(flux, ivar, cont, tell, cont_floor, x, valid):  # type: ignore[no-untyped-def]
+    """The cross-correlation's input from the observed frame, pixel-major ``(m, n)``: line depth
+    ``x = clip(1 - flux/cont, -1, 1)`` where ``valid`` (ivar > 0, continuum above ``cont_floor``
+    times its mean over the good pixels, not in a ``tell`` band), 0 elsewhere. Two passes over
+    the rows (the per-spectrum mean, then the depths), each running along the batch."""
+    m, n = flux.shape
+    acc = np.zeros(n)
+    ng = np.zeros(n, np.int64)
+    for i in range(m):
+        for j in range(n):
+            if ivar[i, j] > _F0:
+                acc[j] += cont[i, j]
+                ng[j] += 1
+    floor = np.empty(n, np.float32)
+    for j in range(n):
+        cref = acc[j] / ng[j] if ng[j] > 0 else np.nan
+        floor[j] = np.float32(cont_floor * cref) if (np.isfinite(cref) and cref > 0) else np.float32(np.inf)
+    for i in range(m):
+        off = tell[i]
+        for j in range(n):
+            c = cont[i, j]
+            ok = (not off) and ivar[i, j] > _F0 and c > floor[j]
+            valid[i, j] = ok
+            d = _F1 - flux[i, j] / (c if ok else _F1)
+            x[i, j] = min(max(d, -_F1), _F1) if ok else _F0

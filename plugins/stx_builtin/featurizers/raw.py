@@ -470,7 +470,8 @@ class RawFeaturizer:
         if used_nominal:
             notes.append(f"resolution matrix missing for {used_nominal} arm(s): used their resolving_power")
         flux_o, ivar_o = _finish_combination(s_fi, s_i)
-        zfac, cont_o = self._velocities(flux_o, ivar_o, hd, live, rv, need, has_data, est, ccf_peak, notes)
+        zfac, cont_o = self._velocities(flux_o, ivar_o, hd, live, rv, need, has_data, est, ccf_peak, notes,
+                                        compiled=True)
         assert cont_o is not None  # continuum == "spline"
 
         # 4. rest frame, spectrum-major; 5-6. normalisation, missing pixels, SNR
@@ -598,7 +599,7 @@ class RawFeaturizer:
 
     def _velocities(self, flux_o: np.ndarray, ivar_o: np.ndarray, hd: np.ndarray, live: np.ndarray | None,
                     rv: np.ndarray, need: np.ndarray, has_data: np.ndarray, est: np.ndarray, ccf_peak: np.ndarray,
-                    notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+                    notes: list[str], compiled: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Step 3 after the observed-frame rebinning ``(m, nl)``: the continuum there (None with
         ``continuum="none"``) and each live spectrum's ``zfac``, estimated by cross-correlation where
         needed and possible (``hd``: the spectrum kept data). Fills ``rv``, ``has_data``, ``est``
@@ -616,7 +617,8 @@ class RawFeaturizer:
             ce = np.flatnonzero(est_l)
             full = ce.size == nl
             v, peak = self._estimate_rv(flux_o if full else flux_o[:, ce], ivar_o if full else ivar_o[:, ce],
-                                        None if cont_o is None else (cont_o if full else cont_o[:, ce]), notes)
+                                        None if cont_o is None else (cont_o if full else cont_o[:, ce]), notes,
+                                        compiled and cont_o is not None)
             rv_l[ce] = v
             pk = np.zeros(nl)
             pk[ce] = peak
@@ -877,19 +879,27 @@ class RawFeaturizer:
         rv[~need] = meta_rv[~need]
         return rv, need
 
-    def _estimate_rv(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray | None, notes: list[str]
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _estimate_rv(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray | None, notes: list[str],
+                     compiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """CCF velocities (km/s) and peaks of observed-frame spectra ``(m, ne)`` against the MILES
-        templates; 0 km/s (peak 0) where there is no positive peak. Counts go to ``notes``."""
+        templates; 0 km/s (peak 0) where there is no positive peak. Counts go to ``notes``.
+        ``compiled``: the line depths by :func:`._rawjit.rv_depth` (C-contiguous float32 input)."""
         ne = flux.shape[1]
         if cont is None:  # continuum="none": a continuum for the cross-correlation only
             cont = self._continuum(flux, ivar, _RV_CONT_ITER)
-        feat, _, valid = self._normalise(flux, ivar, cont)
         bank = self._bank()
-        valid &= ~self._tell[:, None]
-        x = np.subtract(np.float32(1.0), feat, out=feat)
-        np.clip(x, np.float32(-1.0), np.float32(1.0), out=x)
-        x *= valid
+        if compiled:  # the same depths in two passes instead of a dozen
+            from . import _rawjit as J
+
+            x = np.empty(flux.shape, np.float32)
+            valid = np.empty(flux.shape, bool)
+            J.rv_depth(flux, ivar, cont, self._tell, float(self.cont_floor), x, valid)
+        else:
+            feat, _, valid = self._normalise(flux, ivar, cont)
+            valid &= ~self._tell[:, None]
+            x = np.subtract(np.float32(1.0), feat, out=feat)
+            np.clip(x, np.float32(-1.0), np.float32(1.0), out=x)
+            x *= valid
         v, peak, edge = L.ccf_velocity(x, valid, bank, self.dlog)
         failed = ~(peak > 0)  # nothing on the grid to correlate, or no positive CCF peak
         weak = ~failed & ((peak < 0.2) | edge)
