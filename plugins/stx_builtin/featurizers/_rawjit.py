@@ -1,4 +1,4 @@
-"""Compiled kernels (numba) of the raw featurizer's common path, one spectrum at a time.
+"""Compiled kernels (numba) of the raw featurizer's common path, a spectrum (or a block of 64) at a time.
 
 The numpy path of :mod:`._rawlib` is vectorised over a batch: every step streams whole
 ``(npix, n)`` arrays through memory, a dozen passes per arm. These kernels do each spectrum's
@@ -11,8 +11,9 @@ product does best: the continuum fit and the cross-correlation itself.
 
 Each kernel mirrors the numpy path's arithmetic step for step, in float32 and in the same order
 (sparse rows summed in stored order, no fused multiply-add: numba keeps IEEE semantics without
-``fastmath``), so the features equal the numpy path's to float32 rounding; the tests compare the
-two on real DESI and LAMOST files. ``nogil``: the featurizer's threads run them in parallel.
+``fastmath``), so the features equal the numpy path's to float32 rounding (on the real DESI and
+LAMOST files the tests compare, to the bit; the per-spectrum continuum means of
+:func:`normalise` and :func:`rv_depth` are summed in float64, where numpy's einsum sums float32). ``nogil``: the featurizer's threads run them in parallel.
 ``cache``: compiled once per install (about 10 s, on the first batch that uses them), then loaded
 from numba's cache (about 0.7 s per process).
 
