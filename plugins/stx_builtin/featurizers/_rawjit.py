@@ -1,4 +1,4 @@
-"""Compiled kernels (numba) of the raw featurizer's common path, a spectrum (or a block of 64) at a time.
+"""Compiled (numba) kernels of the raw featurizer's common path, a spectrum or a block at a time.
 
 The numpy path of :mod:`._rawlib` is vectorised over a batch: every step streams whole
 ``(npix, n)`` arrays through memory, a dozen passes per arm. These kernels do each spectrum's
