@@ -13,8 +13,9 @@ Each kernel mirrors the numpy path's arithmetic step for step, in float32 and in
 (sparse rows summed in stored order, no fused multiply-add: numba keeps IEEE semantics without
 ``fastmath``), so the features equal the numpy path's to float32 rounding (on the real DESI and
 LAMOST files the tests compare, to the bit; the per-spectrum continuum means of
-:func:`normalise` and :func:`rv_depth` are summed in float64, where numpy's einsum sums float32). ``nogil``: the featurizer's threads run them in parallel.
-``cache``: compiled once per install (about 10 s, on the first batch that uses them), then loaded
+:func:`normalise` and :func:`rv_depth` are summed in float64, where numpy's einsum sums
+float32). ``nogil``: the featurizer's threads run them in parallel. ``cache``: compiled once per
+install (about 10 s, on the first batch that uses them), then loaded
 from numba's cache (about 0.7 s per process).
 
 Integer codes: grid kind 0 = linear, 1 = log10-linear; degradation mode 0 = none,
