@@ -207,3 +207,28 @@ def test_auto_turns_to_the_kernels_after_enough_spectra(monkeypatch):
     assert R._rows_seen == 80
     for out in outs[1:]:
         _assert_same(outs[0], out)
+
+
+def test_kernels_compile_uncached_where_numba_cannot_cache(monkeypatch, capsys):
+    """A read-only install with a read-only home: numba refuses cache=True ("no locator
+    available"). The kernels are then compiled per process, with one warning saying what to do,
+    instead of the import failing."""
+    real = J.njit
+
+    def njit(*args, cache=False, **kw):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(J, "njit", njit)
+    monkeypatch.setattr(J, "UNCACHED", [])
+
+    def double(x):
+        return 2 * x
+
+    f = J._kernel(double)
+    assert f(21) == 42 and J.UNCACHED == ["double"]
+    monkeypatch.setattr(R, "_warned_uncached", [])
+    assert R._kernels_module() is J and R._kernels_module() is J
+    err = capsys.readouterr().err
+    assert err.count("numba found no writable cache") == 1 and "NUMBA_CACHE_DIR" in err

@@ -15,8 +15,8 @@ Each kernel mirrors the numpy path's arithmetic step for step, in float32 and in
 LAMOST files the tests compare, to the bit; the per-spectrum continuum means of
 :func:`normalise` and :func:`rv_depth` are summed in float64, where numpy's einsum sums
 float32). ``nogil``: the featurizer's threads run them in parallel. ``cache``: compiled once per
-install (about 10 s, on the first batch that uses them), then loaded
-from numba's cache (about 0.7 s per process).
+install (about 10 s, on the first batch that uses them), then loaded from numba's cache (about
+0.7 s per process); in every process where numba has nowhere to write one (:data:`UNCACHED`).
 
 Integer codes: grid kind 0 = linear, 1 = log10-linear; degradation mode 0 = none,
 1 = every pixel of the batch good, 2 = few bad pixels (re-normalise only next to them),
@@ -36,12 +36,25 @@ _HALF = np.float32(0.5)
 
 #: ``error_model="numpy"``: a float division by zero gives inf/NaN as in numpy (the numpy path's
 #: semantics) instead of a Python exception check in every inner loop.
-_JIT = dict(nogil=True, cache=True, error_model="numpy")
+_JIT = dict(nogil=True, error_model="numpy")
+#: Kernels numba could not cache: it needs a writable ``__pycache__`` beside this file, a
+#: writable user cache directory or ``$NUMBA_CACHE_DIR``; without any (a read-only install and
+#: home) it refuses ``cache=True``, and they are compiled in every process instead.
+UNCACHED: list[str] = []
+
+
+def _kernel(fn):  # type: ignore[no-untyped-def]
+    """``numba.njit`` with :data:`_JIT`, cached on disk where numba can."""
+    try:
+        return njit(cache=True, **_JIT)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        UNCACHED.append(fn.__name__)
+        return njit(**_JIT)(fn)
 
 DEG_NONE, DEG_ALLGOOD, DEG_SPARSE, DEG_DENSE = 0, 1, 2, 3
 
 
-@njit(**_JIT)
+@_kernel
 def scale_sums(flux, good, rows, asum, gsum):  # type: ignore[no-untyped-def]
     """Add each spectrum's sum of |flux| (float64) and count over its good pixels (one arm)."""
     npix = flux.shape[1]
@@ -67,7 +80,7 @@ _BLOCK = 64
 _TILE = 64
 
 
-@njit(**_JIT)
+@_kernel
 def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, k_ptr, k_idx, k_val, k2_val,
                  width, width2, allgood, o_ptr, o_idx, o_val, o2_val, j0, thr,
                  a_out, b_out, v_out, has_good, s_fi, s_i):  # type: ignore[no-untyped-def]
@@ -242,7 +255,7 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, k_ptr, k_idx, k_va
                         b_out[i, p] = bb[p, s]
 
 
-@njit(**_JIT)
+@_kernel
 def rest_arm(a, b, v, allgood, kind, x0, step, cw, width, edges, log_edges, j0, j1, minc_w, zfac,
              lzfac, s_fi, s_i):  # type: ignore[no-untyped-def]
     """One arm's exact flux-conserving rebinning onto the output bins ``j0..j1`` at each
@@ -299,7 +312,7 @@ def rest_arm(a, b, v, allgood, kind, x0, step, cw, width, edges, log_edges, j0, 
                 s_i[i, j] += iv * sd
 
 
-@njit(**_JIT)
+@_kernel
 def finish(s_fi, s_i):  # type: ignore[no-untyped-def]
     """The inverse-variance mean ``s_fi/s_i`` and ``s_i`` in place; 0/0 where there is none or a
     sum is not finite (``_finish_combination`` of the numpy path)."""
@@ -316,7 +329,7 @@ def finish(s_fi, s_i):  # type: ignore[no-untyped-def]
             s_i[i, j] = _F0
 
 
-@njit(**_JIT)
+@_kernel
 def normalise(flux, ivar, cont, shift, cont_floor, fill, valid, snr):  # type: ignore[no-untyped-def]
     """Spectrum-major rest-frame ``flux``/``ivar`` (n, m) -> features and their ivar, in place.
 
@@ -373,7 +386,7 @@ def normalise(flux, ivar, cont, shift, cont_floor, fill, valid, snr):  # type: i
 
 
 
-@njit(**_JIT)
+@_kernel
 def rv_depth(flux, ivar, cont, tell, cont_floor, x, valid):  # type: ignore[no-untyped-def]
     """The cross-correlation's input from the observed frame, pixel-major ``(m, n)``: line depth
     ``x = clip(1 - flux/cont, -1, 1)`` where ``valid`` (ivar > 0, continuum above ``cont_floor``

@@ -98,6 +98,7 @@ AUTO_AFTER_ROWS = 5000
 KERNELS_ENV = "STX_KERNELS"
 _KERNEL_MODES = ("auto", "compiled", "numpy")
 _rows_seen = 0  # spectra with data featurized by this process (all instances), for "auto"
+_warned_uncached: list[bool] = []
 
 
 def kernels() -> str:
@@ -110,6 +111,22 @@ def kernels() -> str:
     if value not in _KERNEL_MODES:
         raise UsageError(f"{KERNELS_ENV} must be one of {', '.join(_KERNEL_MODES)}, got {value!r}")
     return value
+
+
+def _kernels_module() -> Any:
+    """:mod:`._rawjit`, imported on first use (numba's import is the ~0.7 s that ``auto`` avoids on
+    small jobs); the first time, a warning when numba has nowhere to cache the kernels."""
+    from . import _rawjit
+
+    with _BUILD_LOCK:
+        if _rawjit.UNCACHED and not _warned_uncached:
+            _warned_uncached.append(True)
+            from stxcli import console
+
+            console.warn("numba found no writable cache for the raw featurizer's compiled kernels (a read-only "
+                         "install and home directory): they are compiled in every process (~10 s); set "
+                         "NUMBA_CACHE_DIR to a writable folder, or STX_KERNELS=numpy")
+    return _rawjit
 
 
 def _turn_to_kernels(n_live: int) -> bool:
@@ -407,8 +424,7 @@ class RawFeaturizer:
         """:meth:`_live` by the compiled kernels of :mod:`._rawjit`, one spectrum at a time (the
         same steps, equal to float32 rounding), plus the SNR. The continuum fit and the RV
         cross-correlation stay batched matrix products."""
-        from . import _rawjit as J
-
+        J = _kernels_module()
         nl = batch.n if live is None else live.size
         rows = np.arange(batch.n, dtype=np.int64) if live is None else live.astype(np.int64)
         m = self.dim
@@ -889,11 +905,9 @@ class RawFeaturizer:
             cont = self._continuum(flux, ivar, _RV_CONT_ITER)
         bank = self._bank()
         if compiled:  # the same depths in two passes instead of a dozen
-            from . import _rawjit as J
-
             x = np.empty(flux.shape, np.float32)
             valid = np.empty(flux.shape, bool)
-            J.rv_depth(flux, ivar, cont, self._tell, float(self.cont_floor), x, valid)
+            _kernels_module().rv_depth(flux, ivar, cont, self._tell, float(self.cont_floor), x, valid)
         else:
             feat, _, valid = self._normalise(flux, ivar, cont)
             valid &= ~self._tell[:, None]
