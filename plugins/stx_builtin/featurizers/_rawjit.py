@@ -20,7 +20,7 @@ install (about 10 s, on the first batch that uses them), then loaded from numba'
 
 Integer codes: grid kind 0 = linear, 1 = log10-linear; degradation mode 0 = none,
 1 = every pixel of the batch good, 2 = few bad pixels (re-normalise only next to them),
-3 = many (re-normalise everywhere), as :func:`._rawlib.apply_degrader` chooses per batch.
+3 = many (re-normalise everywhere), as :func:`._rawlib.renormalisation` chooses per batch.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def _kernel(fn):  # type: ignore[no-untyped-def]
         return njit(**_JIT)(fn)
 
 DEG_NONE, DEG_ALLGOOD, DEG_SPARSE, DEG_DENSE = 0, 1, 2, 3
+#: :func:`._rawlib.renormalisation`'s choice for a batch, as a degradation mode
+DEG_MODES = {"none": DEG_ALLGOOD, "sparse": DEG_SPARSE, "dense": DEG_DENSE}
 
 
 @_kernel

@@ -269,6 +269,16 @@ def _normalised(num: np.ndarray, den: np.ndarray, vnum: np.ndarray, good: np.nda
 _SPARSE_BAD_FRAC = 0.05
 
 
+def renormalisation(n_good: int, size: int) -> str:
+    """How :func:`apply_degrader` re-normalises a batch with ``n_good`` of its ``size`` pixels
+    good: ``"none"`` (every pixel good), ``"sparse"`` (next to the few bad pixels only) or
+    ``"dense"`` (everywhere: more than :data:`_SPARSE_BAD_FRAC` bad). The compiled kernels take
+    the same choice, which fixes the rounding of the result."""
+    if n_good == size:
+        return "none"
+    return "dense" if size - n_good > _SPARSE_BAD_FRAC * size else "sparse"
+
+
 def apply_degrader(deg: Degrader, flux: np.ndarray, good: np.ndarray, var: np.ndarray, *,
                    zeroed: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised convolution of pixel-major ``(npix, n)`` arrays: ``flux' = K(f g) / K(g)``,
@@ -284,16 +294,15 @@ def apply_degrader(deg: Degrader, flux: np.ndarray, good: np.ndarray, var: np.nd
     passes."""
     import scipy.sparse as sp
 
-    allgood = bool(good.all())
-    if not allgood and not zeroed:
+    how = renormalisation(int(np.count_nonzero(good)), good.size)
+    if how != "none" and not zeroed:
         flux = np.where(good, flux, np.float32(0.0))
         var = np.where(good, var, np.float32(0.0))
     num = deg.k @ flux
     vnum = deg.k2 @ var
-    if allgood:
+    if how == "none":
         return num, good.copy(), vnum
-    nbad = good.size - int(np.count_nonzero(good))
-    if nbad > _SPARSE_BAD_FRAC * good.size:
+    if how == "dense":
         return _normalised(num, deg.k @ good.astype(np.float32), vnum, good)
     r, c = np.divmod(np.flatnonzero(~good), good.shape[1])  # (np.nonzero is ~10x slower on 2-D)
     bad = sp.csr_matrix((np.ones(r.size, np.float32), (r, c)), shape=good.shape)

@@ -436,10 +436,7 @@ class RawFeaturizer:
         gsum = np.zeros(nl, np.int64)
         for (flux, _), (good, _) in zip(data, screened):
             J.scale_sums(flux, good, rows, asum, gsum)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = asum / gsum
-        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-        inv_scale = (1.0 / scale).astype(np.float32)
+        _, inv_scale = _scales(asum, gsum)
 
         # 2-3. resolution matching and the observed frame, per arm
         s_fi = np.zeros((m, nl), np.float32)
@@ -459,9 +456,9 @@ class RawFeaturizer:
                 deg, nominal = self._nominal_degrader(arm, grid)
                 used_nominal += nominal
                 if deg is not None:
-                    mode = (J.DEG_ALLGOOD if allgood else
-                            J.DEG_DENSE if total - ngood > L._SPARSE_BAD_FRAC * total else J.DEG_SPARSE)
-            k = deg.k if deg is not None else None
+                    mode = J.DEG_MODES[L.renormalisation(ngood, total)]
+            k_arr = ((deg.k.indptr, deg.k.indices, deg.k.data, deg.k.data * deg.k.data) if deg is not None
+                     else (none_i, none_i, none_f, none_f))
             j0, j1 = self._bin_range(grid, 1.0, 1.0)
             j1 = max(j0, j1)
             edges = self._edges[j0: j1 + 1]
@@ -475,9 +472,7 @@ class RawFeaturizer:
             a, v = (np.empty((nl, npix), np.float32) for _ in range(2))
             b = np.empty((0 if allgood else nl, npix), np.float32)  # the widths where all is good
             hg = np.empty(nl, bool)
-            J.observed_arm(flux, ivar, good, rows, inv_scale, mode,
-                           none_i if k is None else k.indptr, none_i if k is None else k.indices,
-                           none_f if k is None else k.data, none_f if k is None else k.data * k.data,
+            J.observed_arm(flux, ivar, good, rows, inv_scale, mode, *k_arr,
                            w, w * w, allgood, *o_arr, j0, thr, a, b, v, hg, s_fi, s_i)
             hd |= hg
             pieces.append((grid, a, b, v, allgood))
@@ -535,10 +530,7 @@ class RawFeaturizer:
             asum += np.abs(ft).sum(axis=0, dtype=np.float64)
             gsum += np.count_nonzero(gt, axis=0)
             arms.append((ft, gt, allgood))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = asum / gsum
-        scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
-        inv_scale = (1.0 / scale).astype(np.float32)
+        scale, inv_scale = _scales(asum, gsum)
         inv2 = (inv_scale * inv_scale)[None, :]
 
         # 2. resolution matching, per arm (and per grid inside an arm)
@@ -970,6 +962,15 @@ def _int(name: str, value: Any, lo: int) -> int:
     if not ok:
         raise UsageError(f"raw featurizer: {name} must be an integer >= {lo}, got {value!r}")
     return int(value)
+
+
+def _scales(asum: np.ndarray, gsum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each spectrum's scale, its mean absolute good flux ``asum / gsum`` over all arms (1 where
+    that is not a positive number), and the float32 inverse the flux is multiplied by."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = asum / gsum
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    return scale, (1.0 / scale).astype(np.float32)
 
 
 def _finish_combination(s_fi: np.ndarray, s_i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
