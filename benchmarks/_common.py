@@ -8,8 +8,9 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,21 @@ def best_of(fn: Callable[[], Any], repeat: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+@contextmanager
+def kernels(setting: str) -> Iterator[None]:
+    """``$STX_KERNELS`` (the raw featurizer's compiled kernels: ``auto``, ``compiled`` or
+    ``numpy``) set to ``setting`` in this process for the block, and restored after it."""
+    before = os.environ.get("STX_KERNELS")
+    os.environ["STX_KERNELS"] = setting
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("STX_KERNELS", None)
+        else:
+            os.environ["STX_KERNELS"] = before
 
 
 def peak_rss_mb(code: str, env: dict[str, str] | None = None) -> float:

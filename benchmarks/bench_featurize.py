@@ -44,7 +44,6 @@ the machine and every time is inflated. Writes benchmarks/results/featurize.json
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -55,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, best_of, loadavg, peak_rss_mb, write  # noqa: E402
+from _common import SHARED, best_of, kernels, loadavg, peak_rss_mb, write  # noqa: E402
 
 EDR = SHARED / "desi-edr" / "coadd-sv3-dark-26065.fits"
 CHUNK = 256  # spectra per batch, as stx featurize reads them
@@ -178,14 +177,13 @@ def main() -> None:
     args = ap.parse_args()
     from stxcli.pipeline import build_featurizer, default_threads, input_digest, sha256_file
 
-    # These jobs (hundreds to 4,000 spectra, under 5,000 with data) are ones where the default
-    # STX_KERNELS=auto runs the numpy path in a fresh process; the compiled kernels are timed
-    # apart (featurize_rate_live_only) and the memory figure runs fresh processes with each.
-    os.environ["STX_KERNELS"] = "numpy"
     n_read = 100 if args.quick else 500
     n_per_file, n_files = (200, 2) if args.quick else (1000, 4)
     load_before = loadavg()
-    with tempfile.TemporaryDirectory() as td:
+    # These jobs (hundreds to 4,000 spectra, under 5,000 with data) are ones where the default
+    # STX_KERNELS=auto runs the numpy path in a fresh process; the compiled kernels are timed
+    # apart (featurize_rate_live_only) and the memory figure runs fresh processes with each.
+    with tempfile.TemporaryDirectory() as td, kernels("numpy"):
         td = Path(td)
         coadd = make_coadd(td / "coadd-500.fits", n_read)
         assert read_stx(coadd) == n_read == read_specutils(coadd)
@@ -204,10 +202,9 @@ def main() -> None:
 
         live = make_coadd(td / "live.fits", n_per_file, live_only=True)
         t_live = best_of(lambda: read_and_featurize(live, feat), repeat=3)
-        os.environ["STX_KERNELS"] = "compiled"
-        read_and_featurize(live, feat)  # numba's import and the kernels' load, once per process
-        t_live_compiled = best_of(lambda: read_and_featurize(live, feat), repeat=3)
-        os.environ["STX_KERNELS"] = "numpy"
+        with kernels("compiled"):
+            read_and_featurize(live, feat)  # numba's import and the kernels' load, once per process
+            t_live_compiled = best_of(lambda: read_and_featurize(live, feat), repeat=3)
         live.unlink()
 
         files = [make_coadd(td / f"c{i}.fits", n_per_file, id_offset=i) for i in range(n_files)]
@@ -223,8 +220,7 @@ def main() -> None:
         mem_code = ("from stxcli import console; console.set_quiet(True)\n"
                     "from stxcli.cli.featurize import run_featurize\n"
                     f"run_featurize([{str(coadd)!r}], {str(td / 'mem.h5')!r})")
-        os.environ.pop("STX_KERNELS")
-        mem_stx = peak_rss_mb(mem_code)
+        mem_stx = peak_rss_mb(mem_code, env={"STX_KERNELS": "auto"})  # the default
         (td / "mem.h5").unlink()
         mem_stx_compiled = peak_rss_mb(mem_code, env={"STX_KERNELS": "compiled"})
         mem_base = peak_rss_mb("import numpy, astropy.io.fits, h5py")

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import loadavg, raw_model, write  # noqa: E402
+from _common import kernels, loadavg, raw_model, write  # noqa: E402
 
 os.environ.setdefault("STX_LOAD_PLUGINS", "stx")
 
@@ -259,30 +259,23 @@ def e2e_predict(tmp: Path, model: Path, n_files: int, rows: int, threads: int, r
     n = n_files * rows
     t_stx = t_numpy = t_spec = math.inf
     load = loadavg()
-    before = os.environ.get("STX_KERNELS")
-    try:
-        for _ in range(reps):
-            for kernels in ("compiled", "numpy"):
-                os.environ["STX_KERNELS"] = kernels
-                t0 = time.perf_counter()
-                p = run_predict(model, [str(f) for f in files], tmp / "e2e.fits", threads=threads)
-                t = time.perf_counter() - t0
-                if kernels == "compiled":
-                    t_stx = min(t_stx, t)
-                else:
-                    t_numpy = min(t_numpy, t)
-                if p["n_spectra"] != n:
-                    raise RuntimeError(f"stx predict: {p['n_spectra']} predictions, expected {n}")
+    for _ in range(reps):
+        for setting in ("compiled", "numpy"):
             t0 = time.perf_counter()
-            got = sum(read_specutils(f) for f in files)
-            t_spec = min(t_spec, time.perf_counter() - t0)
-            if got != n:
-                raise RuntimeError(f"specutils read {got} spectra, expected {n}")
-    finally:
-        if before is None:
-            os.environ.pop("STX_KERNELS", None)
-        else:
-            os.environ["STX_KERNELS"] = before
+            with kernels(setting):
+                p = run_predict(model, [str(f) for f in files], tmp / "e2e.fits", threads=threads)
+            t = time.perf_counter() - t0
+            if setting == "compiled":
+                t_stx = min(t_stx, t)
+            else:
+                t_numpy = min(t_numpy, t)
+            if p["n_spectra"] != n:
+                raise RuntimeError(f"stx predict: {p['n_spectra']} predictions, expected {n}")
+        t0 = time.perf_counter()
+        got = sum(read_specutils(f) for f in files)
+        t_spec = min(t_spec, time.perf_counter() - t0)
+        if got != n:
+            raise RuntimeError(f"specutils read {got} spectra, expected {n}")
     for f in [base, *files]:
         f.unlink()
     return {
