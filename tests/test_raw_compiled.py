@@ -33,9 +33,7 @@ def _count_kernel_calls(monkeypatch) -> list[int]:
 
 
 def _both(featurizer: RawFeaturizer, batch, monkeypatch):
-    """(numpy, compiled) outputs of one batch; fails unless the compiled path really ran (on
-    any number of spectra: one-spectrum LAMOST files would otherwise take the numpy path)."""
-    monkeypatch.setattr(R, "MIN_COMPILED_ROWS", 1)
+    """(numpy, compiled) outputs of one batch; fails unless the compiled path really ran."""
     monkeypatch.setenv("STX_KERNELS", "numpy")
     ref = featurizer.transform(batch)
     monkeypatch.setenv("STX_KERNELS", "compiled")
@@ -132,16 +130,72 @@ def test_every_kernel_branch_equals_the_numpy_path(case, monkeypatch):
     assert (out.ivar[live] > 0).sum(axis=1).min() > 1000
 
 
+@pytest.mark.parametrize("case", ["allgood", "few-bad", "many-bad", "tiny-ivar"])
+def test_the_band_convolution_equals_the_stored_entries(case, monkeypatch):
+    """observed_arm convolves with K as a band (zeros between its stored entries); without the
+    band it sums K's stored entries. Both must give the same bits, in every re-normalisation
+    mode; a spectrum whose scaled variance overflows (ivar ~ 1e-44) must not let the band's
+    zeros turn its infinity into NaN next to it."""
+    import inspect
+
+    wave, _ = linear_grid(3700, 9200, 0.8)
+    flux, ivar = _noisy(40, wave, seed=7)
+    rng = np.random.default_rng(2)
+    mask = np.zeros(flux.shape, bool)
+    if case == "few-bad":
+        mask[rng.random(flux.shape) < 0.01] = True
+    elif case == "many-bad":
+        mask[rng.random(flux.shape) < 0.2] = True
+    elif case == "tiny-ivar":
+        ivar[5, 500] = ivar[6, 2000:2003] = 1e-44
+    calls = []
+    real = J.observed_arm
+    monkeypatch.setattr(J, "observed_arm", lambda *a: (calls.append([np.copy(x) if isinstance(x, np.ndarray)
+                                                                      else x for x in a]), real(*a))[1])
+    monkeypatch.setenv("STX_KERNELS", "compiled")
+    RawFeaturizer().transform(make_batch(wave, flux, ivar, r=4000.0, mask=mask))
+    names = list(inspect.signature(real.py_func).parameters)
+    (args,) = calls
+    assert args[names.index("band")].shape[0] > 0  # the band was used
+    modes = {"allgood": J.DEG_ALLGOOD, "few-bad": J.DEG_SPARSE, "many-bad": J.DEG_DENSE, "tiny-ivar": J.DEG_ALLGOOD}
+    assert args[names.index("deg_mode")] == modes[case]
+    outs = [names.index(k) for k in ("a_out", "b_out", "v_out", "has_good", "s_fi", "s_i")]
+    got = []
+    for band, h in ((args[names.index("band")], args[names.index("h")]), (np.zeros((0, wave.size), np.float32), 0)):
+        a = [np.copy(x) if isinstance(x, np.ndarray) else x for x in args]
+        a[names.index("band")], a[names.index("h")] = band, h
+        real(*a)
+        got.append([a[i] for i in outs])
+    for x, y in zip(*got):
+        assert x.tobytes() == y.tobytes()
+    if case == "tiny-ivar":
+        assert np.isinf(got[0][2][5]).any() and not np.isnan(got[0][2]).any()
+
+
+def test_a_kernel_band_is_its_rows_diagonals():
+    import scipy.sparse as sp
+
+    from stx_builtin.featurizers._rawlib import Degrader
+
+    k = sp.csr_matrix(np.array([[0.5, 0.25, 0, 0], [0.25, 0.5, 0.25, 0], [0, 0, 0.5, 0.5], [0, 0, 0.2, 0.8]],
+                               np.float32))
+    band, h = Degrader(k, k.multiply(k).tocsr(), 1.0).band
+    assert h == 1 and band.shape == (4, 4)  # offsets -1..1, rows padded to a multiple of 4
+    np.testing.assert_array_equal(band, np.float32([[0, 0.25, 0, 0.2], [0.5, 0.5, 0.5, 0.8], [0.25, 0.25, 0.5, 0], [0, 0, 0, 0]]))
+    unsorted = sp.csr_matrix((np.float32([0.25, 0.5, 1.0, 1.0, 1.0]), [1, 0, 1, 2, 3], [0, 2, 3, 4, 5]))
+    assert unsorted.indices[0] == 1  # stored out of column order: no band (its sums would round otherwise)
+    assert Degrader(unsorted, unsorted, 1.0).band[0].shape == (0, 4)
+
+
 def test_what_the_kernels_do_not_cover_takes_the_numpy_path(monkeypatch):
     monkeypatch.setenv("STX_KERNELS", "compiled")
     wave, _ = linear_grid(3700, 9200, 0.8)
-    flux, ivar = _noisy(R.MIN_COMPILED_ROWS, wave, seed=3)
+    flux, ivar = _noisy(1, wave, seed=3)  # one spectrum: the kernels already pay
     batch = make_batch(wave, flux, ivar, r=4000.0)
     assert RawFeaturizer()._compiled_grids(batch, None) is not None
     assert RawFeaturizer(continuum="none")._compiled_grids(batch, None) is None
     irregular = np.sort(np.random.default_rng(0).uniform(3700, 9200, wave.size))
     assert RawFeaturizer()._compiled_grids(make_batch(irregular, flux, ivar, r=4000.0), None) is None
-    monkeypatch.setattr(R, "MIN_COMPILED_ROWS", 1)  # the real files below hold 1 and 5 spectra
     # MILES: a linear grid in air, converted to vacuum, is neither linear nor log-linear
     miles = _read_all(DATA / "miles" / "spectra" / "MILES_res2.50_star_m0001V.fits")
     assert RawFeaturizer()._compiled_grids(miles, None) is None
@@ -153,10 +207,6 @@ def test_what_the_kernels_do_not_cover_takes_the_numpy_path(monkeypatch):
     assert RawFeaturizer()._compiled_grids(desi, None) is None
     monkeypatch.setenv("STX_KERNELS", "Compiled ")  # case and spaces are forgiven
     assert RawFeaturizer()._compiled_grids(batch, None) is not None
-    # a spectrum or a few: the kernels' setup costs more than they save
-    monkeypatch.setattr(R, "MIN_COMPILED_ROWS", 8)
-    few = make_batch(wave, flux[: R.MIN_COMPILED_ROWS - 1], ivar[: R.MIN_COMPILED_ROWS - 1], r=4000.0)
-    assert RawFeaturizer()._compiled_grids(few, None) is None
 
 
 def test_a_bad_kernels_setting_is_a_usage_error(monkeypatch):

@@ -1,4 +1,4 @@
-"""Compiled (numba) kernels of the raw featurizer's common path, a spectrum or a block at a time.
+"""Compiled (numba) kernels of the raw featurizer's common path, a spectrum at a time.
 
 The numpy path of :mod:`._rawlib` is vectorised over a batch: every step streams whole
 ``(npix, n)`` arrays through memory, a dozen passes per arm. These kernels do each spectrum's
@@ -72,189 +72,213 @@ def scale_sums(flux, good, rows, asum, gsum):  # type: ignore[no-untyped-def]
         gsum[i] += g
 
 
-#: Spectra convolved together: the kernel's rows are read once per block and the inner loops
-#: run over the block's spectra (SIMD), as a sparse product over a pixel-major batch does. Large
-#: enough that LLVM vectorises those loops rather than unrolling them.
-_BLOCK = 64
-
-
-#: Pixels per tile of the transposes between the spectrum-major input/output and the block.
-_TILE = 64
-
-
 @_kernel
-def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, k_ptr, k_idx, k_val, k2_val,
-                 width, width2, allgood, o_ptr, o_idx, o_val, o2_val, j0, thr,
+def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, k_ptr, k_idx, k_val, k2_val, band, h,
+                 width, width2, allgood, o_ptr, o_idx, o_val, o2_val, o_c0, o_w, j0, thr,
                  a_out, b_out, v_out, has_good, s_fi, s_i):  # type: ignore[no-untyped-def]
     """One arm of the spectra ``rows`` (n_all, npix) -> the rebinning inputs and the observed frame.
 
     Per spectrum: flux scaled by ``inv_scale`` and variance ``inv_scale^2 / ivar`` (0 where not
     ``good``); the normalised convolution with the CSR kernel ``K`` (and ``K^2`` for the
     variance) as ``deg_mode`` says; then ``a = flux*width``, ``b = good*width``, ``v = var*width^2``
-    written spectrum-major to ``a_out``/``b_out``/``v_out`` (len(rows), npix; ``b_out`` only when
-    not ``allgood``: it is the pixel widths then), and rebinned by the
-    zero-velocity overlap matrix ``O`` (CSR, output bins ``j0..``) into the pixel-major
-    inverse-variance sums ``s_fi``/``s_i`` (m, len(rows)) where the bin's good coverage reaches
-    ``thr``. ``allgood``: every pixel of the batch is good (the bin coverage is then ``O @ width``,
-    which ``b = width`` gives as well). ``has_good``: the spectrum kept a good pixel.
+    written to ``a_out``/``b_out``/``v_out`` (len(rows), npix; ``b_out`` only when not
+    ``allgood``: it is the pixel widths then), and rebinned by the zero-velocity overlap matrix
+    ``O`` (CSR, output bins ``j0..``) into the spectrum-major inverse-variance sums
+    ``s_fi``/``s_i`` (len(rows), m) where the bin's good coverage reaches ``thr``. ``allgood``:
+    every pixel of the batch is good (the bin coverage is then ``O @ width``, which ``b = width``
+    gives as well). ``has_good``: the spectrum kept a good pixel.
 
-    Spectra go in blocks of :data:`_BLOCK`, pixel-major inside the block (tiled transposes in and
-    out), so that every sparse row is read once per block and its loops run over the block."""
+    Everything runs along one spectrum's pixels, where the loops vectorise and no transpose of
+    the batch is needed:
+
+    - ``band`` (W, npix) is ``K`` as a band, ``band[t, p] = K[p, p + t - h]``, W a multiple of 4
+      (:attr:`._rawlib.Degrader.band`; W = 0: none). The convolution takes four band rows per
+      pass over the pixels, summing each row of K in its stored order with zeros between, which
+      add nothing.
+    - ``o_c0``/``o_w`` are O's rows as runs of consecutive columns padded to one length
+      (:func:`._rawlib.fixed_width_rows`; ``o_w`` with 0 rows: none): a loop of fixed length per
+      bin, with no branch on each row's length.
+    - A spectrum whose scaled flux or variance is not finite (0 * inf would be NaN) takes K's and
+      O's stored entries alone, as the numpy path does."""
     npix = flux.shape[1]
     nbin = o_ptr.size - 1
     nrow = rows.size
-    fb = np.empty((npix, _BLOCK), np.float32)  # cleaned input block (every entry written below)
-    vb = np.empty((npix, _BLOCK), np.float32)
-    gb = np.empty((npix, _BLOCK), np.float32)  # 1 = good
-    ab = np.empty((npix, _BLOCK), np.float32)  # outputs a, b, v of the block
-    bb = np.empty((npix, _BLOCK), np.float32)
-    wb = np.empty((npix, _BLOCK), np.float32)
-    num = np.empty(_BLOCK, np.float32)
-    vn = np.empty(_BLOCK, np.float32)
-    kb = np.empty(_BLOCK, np.float32)
-    sd = np.empty(_BLOCK, np.float32)
-    ng = np.empty(_BLOCK, np.int64)
-    nbad = np.empty(npix + 1, np.int64)
-    for i0 in range(0, nrow, _BLOCK):
-        nb = min(_BLOCK, nrow - i0)
-        if nb < _BLOCK:
-            fb[:] = _F0
-            vb[:] = _F0
-            gb[:] = _F0
-        nbad[:] = 0
-        for p0 in range(0, npix, _TILE):
-            p1 = min(p0 + _TILE, npix)
-            for s in range(nb):
-                r = rows[i0 + s]
-                sc = inv_scale[i0 + s]
-                sc2 = sc * sc
-                for p in range(p0, p1):
-                    if good[r, p]:
-                        fb[p, s] = flux[r, p] * sc
-                        vb[p, s] = sc2 / ivar[r, p]
-                        gb[p, s] = _F1
-                    else:
-                        fb[p, s] = _F0
-                        vb[p, s] = _F0
-                        gb[p, s] = _F0
-                        nbad[p + 1] += 1
-        for p in range(npix):  # cumulative: bad pixels of the block below pixel p
-            nbad[p + 1] += nbad[p]
-        ng[:] = 0
+    nw = band.shape[0]
+    pad = h if nw > 0 else 0
+    hi = nw - 1 - h  # the band reaches h pixels below and hi above its row
+    fpad = np.zeros(pad + npix + nw, np.float32)  # f at fpad[pad + c]; the padding stays 0
+    vpad = np.zeros(pad + npix + nw, np.float32)
+    gpad = np.zeros(pad + npix + nw, np.float32)  # 1 = good
+    num = np.empty(npix, np.float32)
+    vn = np.empty(npix, np.float32)
+    kb = np.empty(npix, np.float32)
+    cb = np.empty(npix + 1, np.int64)  # bad pixels below pixel p
+    for i in range(nrow):
+        r = rows[i]
+        sc = inv_scale[i]
+        sc2 = sc * sc
+        nbad = 0
+        ninf = 0
+        for p in range(npix):  # loads first, then selects: the loop vectorises
+            gq = good[r, p]
+            fq = flux[r, p] * sc
+            vq = sc2 / ivar[r, p]
+            fq = fq if gq else _F0
+            vq = vq if gq else _F0
+            fpad[pad + p] = fq
+            vpad[pad + p] = vq
+            gpad[pad + p] = _F1 if gq else _F0
+            nbad += not gq
+            ninf += (abs(fq) == np.inf) | (abs(vq) == np.inf) | (fq != fq) | (vq != vq)
+        mode = deg_mode
+        if mode == DEG_NONE:
+            for p in range(npix):
+                num[p] = fpad[pad + p]
+            for p in range(npix):
+                vn[p] = vpad[pad + p]
+        elif nw > 0 and ninf == 0:
+            num[:] = _F0
+            vn[:] = _F0
+            for t in range(0, nw, 4):  # four band rows per pass, summed in order
+                k0 = band[t]
+                k1 = band[t + 1]
+                k2 = band[t + 2]
+                k3 = band[t + 3]
+                f0 = fpad[t: t + npix]
+                f1 = fpad[t + 1: t + 1 + npix]
+                f2 = fpad[t + 2: t + 2 + npix]
+                f3 = fpad[t + 3: t + 3 + npix]
+                v0 = vpad[t: t + npix]
+                v1 = vpad[t + 1: t + 1 + npix]
+                v2 = vpad[t + 2: t + 2 + npix]
+                v3 = vpad[t + 3: t + 3 + npix]
+                for p in range(npix):
+                    w0 = k0[p]
+                    w1 = k1[p]
+                    w2 = k2[p]
+                    w3 = k3[p]
+                    num[p] = (((num[p] + w0 * f0[p]) + w1 * f1[p]) + w2 * f2[p]) + w3 * f3[p]
+                    vn[p] = (((vn[p] + (w0 * w0) * v0[p]) + (w1 * w1) * v1[p]) + (w2 * w2) * v2[p]) + (w3 * w3) * v3[p]
+            if mode == DEG_DENSE:  # kernel weight on good pixels
+                kb[:] = _F0
+                for t in range(nw):
+                    kt = band[t]
+                    g0 = gpad[t: t + npix]
+                    for p in range(npix):
+                        kb[p] += kt[p] * g0[p]
+        else:  # K's stored entries only
+            for p in range(npix):
+                sn = _F0
+                sv = _F0
+                sk = _F0
+                for q in range(k_ptr[p], k_ptr[p + 1]):
+                    c = pad + k_idx[q]
+                    w = k_val[q]
+                    sn += w * fpad[c]
+                    sv += k2_val[q] * vpad[c]
+                    if mode == DEG_DENSE:
+                        sk += w * gpad[c]
+                num[p] = sn
+                vn[p] = sv
+                kb[p] = sk
+        ng = 0
+        if mode == DEG_NONE or mode == DEG_ALLGOOD:
+            for p in range(npix):
+                a_out[i, p] = num[p] * width[p]
+            for p in range(npix):
+                v_out[i, p] = vn[p] * width2[p]
+            if not allgood:
+                for p in range(npix):
+                    b_out[i, p] = width[p] if gpad[pad + p] > _F0 else _F0
+            ng = npix - nbad
+        elif mode == DEG_DENSE:
+            for p in range(npix):
+                den = kb[p]
+                ok = gpad[pad + p] > _F0 and den >= _HALF
+                safe = den if ok else _F1
+                a_out[i, p] = (num[p] / safe if ok else _F0) * width[p]
+                v_out[i, p] = (vn[p] / (safe * safe) if ok else _F0) * width2[p]
+                b_out[i, p] = width[p] if ok else _F0
+                ng += ok
+        else:  # sparse: re-normalise the rows whose kernel meets a bad pixel
+            for p in range(npix):
+                a_out[i, p] = num[p] * width[p]
+            for p in range(npix):
+                v_out[i, p] = vn[p] * width2[p]
+            for p in range(npix):
+                b_out[i, p] = width[p] if gpad[pad + p] > _F0 else _F0
+            ng = npix - nbad
+            if nbad > 0:
+                cb[0] = 0
+                for p in range(npix):
+                    cb[p + 1] = cb[p] + (gpad[pad + p] == _F0)
+                nxt = 0  # rows below were looked at
+                for c in range(npix):
+                    if gpad[pad + c] > _F0:
+                        continue
+                    p0 = max(nxt, c - hi) if nw > 0 else nxt
+                    p1 = min(npix, c + h + 1) if nw > 0 else npix
+                    for p in range(p0, p1):
+                        q0 = k_ptr[p]
+                        q1 = k_ptr[p + 1]
+                        if q1 == q0 or cb[k_idx[q1 - 1] + 1] == cb[k_idx[q0]]:
+                            continue
+                        sk = _F0
+                        for q in range(q0, q1):
+                            sk += k_val[q] * (_F1 - gpad[pad + k_idx[q]])
+                        if sk > _F0:
+                            den = _F1 - sk
+                            was = gpad[pad + p] > _F0
+                            ok = was and den >= _HALF
+                            safe = den if ok else _F1
+                            a_out[i, p] = (num[p] / safe if ok else _F0) * width[p]
+                            v_out[i, p] = (vn[p] / (safe * safe) if ok else _F0) * width2[p]
+                            b_out[i, p] = width[p] if ok else _F0
+                            ng -= was and not ok
+                    nxt = max(nxt, p1)
+        has_good[i] = ng > 0
+        # the observed frame: O's rows as fixed-width runs (no branch on each row's length) where
+        # there are and the spectrum is finite (0 * inf would be NaN), else its stored entries
+        nfin = 0
         for p in range(npix):
-            wp = width[p]
-            w2p = width2[p]
-            ar = ab[p]
-            br = bb[p]
-            vo = wb[p]
-            gr = gb[p]
-            if deg_mode == DEG_NONE:
-                fr = fb[p]
-                vr = vb[p]
-                for s in range(_BLOCK):
-                    ar[s] = fr[s] * wp
-                for s in range(_BLOCK):
-                    vo[s] = vr[s] * w2p
-                for s in range(_BLOCK):
-                    br[s] = wp if gr[s] > _F0 else _F0
-                for s in range(_BLOCK):
-                    ng[s] += gr[s] > _F0
-                continue
-            num[:] = _F0
-            vn[:] = _F0
-            kb[:] = _F0
-            q0 = k_ptr[p]
-            q1 = k_ptr[p + 1]
-            # sparse mode: no bad pixel of the block under this row of K leaves kb at 0 (untouched)
-            weigh = deg_mode == DEG_DENSE or (deg_mode == DEG_SPARSE and q1 > q0
-                                              and nbad[k_idx[q1 - 1] + 1] > nbad[k_idx[q0]])
-            for q in range(q0, q1):
-                c = k_idx[q]
-                w = k_val[q]
-                w2 = k2_val[q]
-                fr = fb[c]  # row views: the loops over the block vectorise
-                vr = vb[c]
-                for s in range(_BLOCK):
-                    num[s] += w * fr[s]
-                for s in range(_BLOCK):
-                    vn[s] += w2 * vr[s]
-                if weigh:
-                    gc = gb[c]
-                    if deg_mode == DEG_SPARSE:  # kernel weight on bad pixels
-                        for s in range(_BLOCK):
-                            kb[s] += w * (_F1 - gc[s])
-                    else:  # kernel weight on good pixels
-                        for s in range(_BLOCK):
-                            kb[s] += w * gc[s]
-            if deg_mode == DEG_ALLGOOD:
-                for s in range(_BLOCK):
-                    ar[s] = num[s] * wp
-                for s in range(_BLOCK):
-                    vo[s] = vn[s] * w2p
-                for s in range(_BLOCK):
-                    br[s] = wp
-                for s in range(_BLOCK):
-                    ng[s] += 1
-                continue
-            for s in range(_BLOCK):
-                fp = num[s]
-                vp = vn[s]
-                gp = gr[s] > _F0
-                if deg_mode == DEG_DENSE or kb[s] > _F0:  # (sparse: next to a bad pixel)
-                    den = kb[s] if deg_mode == DEG_DENSE else _F1 - kb[s]
-                    ok = gp and den >= _HALF
-                    safe = den if ok else _F1
-                    fp = fp / safe if ok else _F0
-                    vp = vp / (safe * safe) if ok else _F0
-                    gp = ok
-                ar[s] = fp * wp
-                vo[s] = vp * w2p
-                br[s] = wp if gp else _F0
-                ng[s] += gp
-        for s in range(nb):
-            has_good[i0 + s] = ng[s] > 0
-        # the observed frame, over the block
+            nfin += (abs(a_out[i, p]) < np.inf) & (abs(v_out[i, p]) < np.inf)
+        if o_w.shape[0] > 0 and nfin == npix:
+            for j in range(nbin):
+                c0 = o_c0[j]
+                sn = _F0
+                sd = _F0
+                sv = _F0
+                for t in range(o_w.shape[0]):
+                    w = o_w[t, j]
+                    c = c0 + t
+                    sn += w * a_out[i, c]
+                    if allgood:
+                        sd += w * width[c]
+                    else:
+                        sd += w * b_out[i, c]
+                    sv += (w * w) * v_out[i, c]
+                if sv > _F0 and sd >= thr[j]:
+                    iv = sd / sv
+                    s_fi[i, j0 + j] += iv * sn
+                    s_i[i, j0 + j] += iv * sd
+            continue
         for j in range(nbin):
-            num[:] = _F0
-            sd[:] = _F0
-            vn[:] = _F0
+            sn = _F0
+            sd = _F0
+            sv = _F0
             for q in range(o_ptr[j], o_ptr[j + 1]):
                 c = o_idx[q]
                 w = o_val[q]
-                w2 = o2_val[q]
-                ar = ab[c]
-                vo = wb[c]
-                for s in range(_BLOCK):
-                    num[s] += w * ar[s]
+                sn += w * a_out[i, c]
                 if allgood:
-                    wc = w * width[c]
-                    for s in range(_BLOCK):
-                        sd[s] += wc
+                    sd += w * width[c]
                 else:
-                    br = bb[c]
-                    for s in range(_BLOCK):
-                        sd[s] += w * br[s]
-                for s in range(_BLOCK):
-                    vn[s] += w2 * vo[s]
-            fo = s_fi[j0 + j]
-            io = s_i[j0 + j]
-            t = thr[j]
-            for s in range(nb):
-                if vn[s] > _F0 and sd[s] >= t:
-                    iv = sd[s] / vn[s]
-                    fo[i0 + s] += iv * num[s]
-                    io[i0 + s] += iv * sd[s]
-        # the block back to spectrum-major, for the rest-frame pass
-        for p0 in range(0, npix, _TILE):
-            p1 = min(p0 + _TILE, npix)
-            for s in range(nb):
-                i = i0 + s
-                for p in range(p0, p1):
-                    a_out[i, p] = ab[p, s]
-                    v_out[i, p] = wb[p, s]
-                if not allgood:
-                    for p in range(p0, p1):
-                        b_out[i, p] = bb[p, s]
+                    sd += w * b_out[i, c]
+                sv += o2_val[q] * v_out[i, c]
+            if sv > _F0 and sd >= thr[j]:
+                iv = sd / sv
+                s_fi[i, j0 + j] += iv * sn
+                s_i[i, j0 + j] += iv * sd
 
 
 @_kernel

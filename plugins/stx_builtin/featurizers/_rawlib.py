@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -199,6 +200,26 @@ def resample_matrix(grid: InputGrid, out_edges: np.ndarray) -> Any:
                           (np.concatenate(rows), np.concatenate(cols))), shape=(m, grid.npix))
 
 
+def fixed_width_rows(m: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A CSR matrix whose rows each store a run of consecutive columns, in order, as ``(c0, w)``:
+    row j's entries are ``w[t, j]`` at columns ``c0[j] + t``, zero-padded to the longest run (the
+    padding's columns stay inside the matrix). Empty ``w`` (0 rows) where a row is empty or not
+    such a run."""
+    indptr, indices = m.indptr, m.indices
+    nrow, ncol = m.shape
+    lens = np.diff(indptr)
+    row = np.repeat(np.arange(nrow), lens)
+    t = np.arange(indices.size) - np.repeat(indptr[:-1], lens)
+    c0 = indices[indptr[:-1].clip(max=max(indices.size - 1, 0))] if indices.size else np.zeros(nrow, np.int64)
+    if lens.size == 0 or lens.min() < 1 or np.any(indices != c0[row] + t):
+        return np.zeros(nrow, np.int64), np.zeros((0, nrow), np.float32)
+    width = int(lens.max())
+    c0 = np.minimum(c0, ncol - width).astype(np.int64)  # a run near the end starts earlier, padded before
+    w = np.zeros((width, nrow), np.float32)
+    w[indices - c0[row], row] = m.data
+    return c0, w
+
+
 # ----------------------------------------------------------------------- resolution matching
 
 
@@ -225,6 +246,24 @@ class Degrader:
     k: Any  # scipy.sparse.csr_matrix (npix, npix) float32
     k2: Any
     max_sigma_pix: float
+
+    @cached_property
+    def band(self) -> tuple[np.ndarray, int]:
+        """``K`` as a band, ``(band, h)`` with ``band[t, p] = K[p, p + t - h]`` (0 where K stores
+        nothing), as the compiled kernel convolves. An empty band (0 rows) where a row's entries
+        are not stored in ascending column order: a band sums each row in column order, which must
+        be the stored order for the two to round alike."""
+        indptr, indices = self.k.indptr, self.k.indices
+        npix = indptr.size - 1
+        row = np.repeat(np.arange(npix), np.diff(indptr))
+        if indices.size == 0 or np.any((np.diff(indices) <= 0) & (np.diff(row) == 0)):
+            return np.zeros((0, npix), np.float32), 0
+        off = indices - row
+        h = int(max(0, -off.min()))
+        width = h + max(0, int(off.max())) + 1
+        band = np.zeros((-(-width // 4) * 4, npix), np.float32)  # rows: a multiple of 4, the kernel's stride
+        band[off + h, row] = self.k.data
+        return band, h
 
 
 def build_degrader(grid: InputGrid, sigma: np.ndarray) -> Degrader | None:
