@@ -3,8 +3,10 @@ optional worker processes, and joining a labels catalog. Knows no concrete surve
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,8 +167,9 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
     while the caller's thread reads the next batch and consumes the results; the output is the
     same, in the same order. Memory: ``threads + 1`` batches in flight instead of one."""
     if threads <= 1 or not getattr(featurizer, "thread_safe", False):
-        for it in items:
-            yield _transform(featurizer, it) if isinstance(it, SpectrumBatch) else it
+        with long_lived_frozen():
+            for it in items:
+                yield _transform(featurizer, it) if isinstance(it, SpectrumBatch) else it
         return
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -179,7 +182,7 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
     # OpenBLAS at 1 thread while the pool runs (its setting is process-wide), set here once: the
     # caller's code between results then also sees BLAS at 1 thread, while OpenMP (torch in
     # stx predict) keeps its threads
-    with _single_threaded_blas(user_api="blas"), \
+    with long_lived_frozen(), _single_threaded_blas(user_api="blas"), \
             ThreadPoolExecutor(threads, thread_name_prefix="stx-featurize") as ex:
         try:
             for it in items:
@@ -259,6 +262,29 @@ def featurize_files(paths: Sequence[Path], featurizer: Featurizer, *, format: st
 
 _blas_state: dict[str, Any] = {}
 _malloc_state: dict[str, bool] = {}
+_frozen = {"depth": 0}
+_frozen_lock = threading.Lock()
+
+
+@contextmanager
+def long_lived_frozen() -> Iterator[None]:
+    """Python's cyclic garbage collector leaves alone the objects that exist on entry, until the
+    outermost such block exits (``gc.freeze``/``gc.unfreeze``). The modules a run imports (torch,
+    astropy, numba: some 300,000 objects) are otherwise traversed by every full collection that
+    a streaming run's allocations trigger: 90 ms each, about 8 % of stx predict from DESI coadds.
+    Objects made inside are collected as usual; old objects that become cyclic garbage inside
+    wait for the exit."""
+    with _frozen_lock:
+        _frozen["depth"] += 1
+        if _frozen["depth"] == 1:
+            gc.freeze()
+    try:
+        yield
+    finally:
+        with _frozen_lock:
+            _frozen["depth"] -= 1
+            if _frozen["depth"] == 0:
+                gc.unfreeze()
 
 
 def _keep_freed_memory() -> None:

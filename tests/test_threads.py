@@ -248,3 +248,38 @@ def test_many_small_files_get_a_hint_about_workers(shared, tmp_path, capsys, mon
     assert "64 small files" in err and "--workers 2" in err
     code, _, err = run_cli(["featurize", lst, "-o", tmp_path / "b.h5", "--threads", 2], capsys)
     assert code == 0 and "small files" not in err  # threads asked for: no hint
+
+
+class _GcSpy(_Batchy):
+    def transform(self, batch):
+        import gc
+
+        self.frozen = getattr(self, "frozen", []) + [gc.get_freeze_count() > 0]
+        return super().transform(batch)
+
+
+def test_transforms_run_with_the_old_objects_frozen_and_thawed_after(shared):
+    """The cyclic GC skips the objects that existed before the stream (torch's, astropy's) while
+    it runs, and gets them back after; nested streams thaw only at the outermost exit."""
+    import gc
+
+    batches, _ = _batches(shared, chunk=1)
+    assert gc.get_freeze_count() == 0
+    for threads in (1, 3):
+        feat = _GcSpy(thread_safe=True)
+        out = list(transform_stream(feat, batches, threads=threads))
+        assert len(out) == len(batches) and feat.frozen and all(feat.frozen)
+        assert gc.get_freeze_count() == 0
+    with pipeline.long_lived_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with pipeline.long_lived_frozen():
+            junk = [[]]
+            junk[0].append(junk)  # a cycle made inside is still collected inside
+            del junk
+            assert gc.collect() >= 1
+        assert gc.get_freeze_count() == frozen  # the inner exit did not thaw
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), pipeline.long_lived_frozen():
+        raise RuntimeError("boom")
+    assert gc.get_freeze_count() == 0
