@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -500,23 +501,47 @@ def _count_flags(counts: dict[str, int], flags: np.ndarray) -> None:
             counts[name] = counts.get(name, 0) + c
 
 
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside (None: unchanged), restored after."""
+    if n is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any, output: Path, *,
                     format: str | None, chunk_rows: int, device: str, threads: int = 1,
                     readers: dict[Path, Any] | None = None) -> tuple[int, dict[str, int]]:
+    from .pipeline import long_lived_frozen
+
     def chunks() -> Iterator[Chunk]:
         for s in stores:
             yield from store_chunks(s, model, chunk_rows)
         if files:
-            yield from file_chunks(files, feat, format, chunk_rows, threads, readers,
-                                   need_ivar=needs_ivar(model))
+            # while a pool of ``threads`` featurizes on as many cores, the model runs on this
+            # thread alone: its own threads would only contend with the pool's and spin between
+            # chunks (measured on DESI coadds, 2 cores: 6 % less CPU, 5 % less time)
+            pooled = threads > 1 and getattr(feat, "thread_safe", False) and device == "cpu"
+            with _torch_threads(1 if pooled else None):
+                yield from file_chunks(files, feat, format, chunk_rows, threads, readers,
+                                       need_ivar=needs_ivar(model))
 
     counts: dict[str, int] = {}
     units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}
     with atomic_file(output) as tmp:
         spool = Spool(tmp.with_name(tmp.name + ".spool"))
         try:
-            with console.progress("predict", total=None) as bar:
-                for ch in chunks():
+            with console.progress("predict", total=None) as bar, closing(chunks()) as stream, \
+                    long_lived_frozen():
+                for ch in stream:
                     if ch.features.shape[1] != model.input_dim:
                         raise ModelFileError(f"features have {ch.features.shape[1]} columns, model expects "
                                              f"{model.input_dim}")

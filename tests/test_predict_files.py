@@ -47,3 +47,40 @@ def test_file_chunks_read_small_batches_and_group_them_per_file(monkeypatch):
     np.testing.assert_array_equal(chunks[1].flags, [4, 4, 6])
     assert list(chunks[2].columns["source_file"]) == ["b.fits"] * 3
     assert list(chunks[0].columns["id"]) == [f"a.fits:{i}" for i in range(4)]
+
+
+def test_the_model_runs_on_one_thread_while_a_pool_featurizes(monkeypatch, tmp_path):
+    """With a pool of featurizing threads (a thread-safe featurizer, threads > 1), each chunk is
+    predicted with torch at one thread (its own threads would contend with the pool's); store
+    chunks and runs without a pool keep torch's setting, which is restored after."""
+    import torch
+
+    calls: list = []
+    monkeypatch.setattr(pipeline, "featurize_files", _fake_featurize_files(calls))
+    seen: list = []
+
+    def outputs(model, x, ivar, device):
+        seen.append(torch.get_num_threads())
+        n = len(x)
+        return {"value": np.zeros((n, 1)), "err": np.ones((n, 1)), "out_of_domain": np.zeros(n, bool)}
+
+    monkeypatch.setattr(P, "_model_outputs", outputs)
+
+    class Model:
+        input_dim = 4
+        specs = [type("S", (), {"name": "teff", "unit": "K", "lo": -1.0, "hi": 1.0})()]
+
+    monkeypatch.setattr(P, "header_cards", lambda model: {})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for safe, threads, expect in ((True, 2, 1), (False, 2, 2), (True, 1, 2)):
+            feat = type("F", (), {"thread_safe": safe})()
+            seen.clear()
+            n, _ = P._predict_stream(Model(), [], [Path("a.fits"), Path("b.fits")], feat,
+                                     tmp_path / f"out-{safe}-{threads}.fits", format=None, chunk_rows=4,
+                                     device="cpu", threads=threads)
+            assert n == 10 and seen and set(seen) == {expect}, (safe, threads, seen)
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
