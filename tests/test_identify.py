@@ -77,9 +77,10 @@ def test_forced_wrong_reader_fails_with_a_clear_error(shared, registry):
 
 
 def test_scanned_probe_equals_astropy_probe_on_real_files(shared, monkeypatch):
-    """The probe scans header blocks itself and has astropy parse each header's cards: the same
-    HDUs (names, kinds, columns, shapes, every header card) as opening the file with astropy, or
-    None (astropy then probes) for what it leaves to astropy, e.g. tile-compressed HDUs."""
+    """The probe scans header blocks itself (names, kinds, columns and shapes from its own parse
+    of the cards) and has astropy parse a header only when asked for it: the same HDUs (every
+    header card included) as opening the file with astropy, or None (astropy then probes) for
+    what it leaves to astropy, e.g. tile-compressed HDUs."""
     import stxcli.registry as R
 
     files = sorted((shared / "desi-edr").glob("*.fits*"))
@@ -96,7 +97,9 @@ def test_scanned_probe_equals_astropy_probe_on_real_files(shared, monkeypatch):
         assert len(fast) == len(ref), f
         for a, b in zip(fast, ref):
             assert (a.index, a.name, a.kind, a.columns, a.shape) == (b.index, b.name, b.kind, b.columns, b.shape), f
+            assert a._header is None  # not parsed until asked for
             assert list(a.header.items()) == list(b.header.items()), (f, a.name)
+            assert a.header is a.header  # parsed once
 
 
 def test_scanned_probe_leaves_broken_files_to_astropy(shared, tmp_path):
