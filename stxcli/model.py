@@ -642,7 +642,10 @@ def _load_model(path: Any, *, merge: bool = True) -> LoadedModel:
             if not getattr(adapter, "targets_encoder", False):
                 raise ModelFileError(f"{mdir.path}: the manifest records an encoder, but adapter "
                                      f"{adapter.name} {adapter.config()} does not fine-tune one")
-            feat = front_featurizer(enc["featurizer"], mdir.path)
+            from .pipeline import searching_assets
+
+            with searching_assets(mdir.assets()):
+                feat = front_featurizer(enc["featurizer"], mdir.path)
             if feat.encoder_sha256 != enc["encoder_sha256"]:
                 raise ModelFileError(f"{mdir.path}: its base encoder sha256 {enc['encoder_sha256'][:16]}... is not "
                                      f"the one the featurizer found ({feat.encoder_sha256[:16]}...)")

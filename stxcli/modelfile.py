@@ -92,6 +92,10 @@ def write_model_dir(out: str | os.PathLike[str], manifest: dict[str, Any], *,
     return digest
 
 
+#: a model directory's folder of featurizer assets (an embedded base's encoder)
+ASSETS = "assets"
+
+
 class ModelDir:
     """A model directory opened for reading: the manifest, and verified access to its files."""
 
@@ -117,6 +121,12 @@ class ModelDir:
         self.manifest: dict[str, Any] = manifest
         self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         self._verified: set[str] = set()
+
+    def assets(self) -> list[Path]:
+        """The folder of featurizer assets (``stx finetune --embed-base`` copies the base's encoder
+        there) as a one-item list, or an empty one when the model has none."""
+        d = self.path / ASSETS
+        return [d] if d.is_dir() else []
 
     @property
     def name(self) -> str:

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,26 @@ def featurize_files(paths: Sequence[Path], featurizer: Featurizer, *, format: st
             yield from _read_batches(Path(p), reader, featurizer, chunk_size, rv_lookup)
 
     return transform_stream(featurizer, items(), threads)
+
+
+_asset_dirs: ContextVar[tuple[Path, ...]] = ContextVar("stx_asset_dirs", default=())
+
+
+def asset_dirs() -> tuple[Path, ...]:
+    """Folders a featurizer searches for the files its config names (an encoder directory,
+    found by its recorded sha256) when they are not where the config says: while the core
+    rebuilds a model's featurizers, that model directory's ``assets/`` (:func:`searching_assets`)."""
+    return _asset_dirs.get()
+
+
+@contextmanager
+def searching_assets(dirs: Sequence[Path]) -> Iterator[None]:
+    """:func:`asset_dirs` gives ``dirs`` (first) inside the block."""
+    token = _asset_dirs.set(tuple(Path(d) for d in dirs) + _asset_dirs.get())
+    try:
+        yield
+    finally:
+        _asset_dirs.reset(token)
 
 
 _blas_state: dict[str, Any] = {}

@@ -147,7 +147,7 @@ def store_chunks(path: Path, model: Any, chunk_rows: int) -> Iterator[Chunk]:
 
 def model_featurizer(model: Any) -> Any:
     """The featurizer the model was trained with, rebuilt from the manifest and checked."""
-    from .pipeline import build_featurizer
+    from .pipeline import build_featurizer, searching_assets
     from .registry import get_registry
     from .store import featurizer_key
     from .train import featurizer_identity
@@ -157,7 +157,8 @@ def model_featurizer(model: Any) -> Any:
         known = ", ".join(get_registry().names("featurizer")) or "none"
         raise ModelFileError(f"{model.mdir.path}: the model needs featurizer {f['name']!r}, which is not "
                              f"installed (installed: {known})")
-    feat = build_featurizer(f["name"], f["config"])
+    with searching_assets(model.mdir.assets()):
+        feat = build_featurizer(f["name"], f["config"])
     key = featurizer_key(feat.name, feat.version, feat.config())
     # compared by identity: a featurizer config may also say where a file lies (the encoder's path)
     if featurizer_identity({"name": feat.name, "version": feat.version, "config": feat.config(), "key": key}) \

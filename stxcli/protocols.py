@@ -149,6 +149,12 @@ class Featurizer(Protocol):
     #   encoder path); stores and models are compared by it (``stxcli.store.featurizer_identity``).
     # ``front(device)`` / ``front_input()``: for adapters that fine-tune an encoder (see
     #   :class:`Adapter`).
+    # ``assets(config) -> dict[str, Path]`` (on the factory): the directories a recorded config
+    #   reads besides its numbers (the transformer's encoder), by role, found without building the
+    #   featurizer. ``stx finetune --embed-base`` copies them into the model's ``assets/``; while
+    #   the core rebuilds a model's featurizers,
+    #   ``stxcli.pipeline.asset_dirs()`` lists that folder, for the featurizer to search when a
+    #   directory is not where its config says (the transformer searches it by sha256).
 
 
 class FeaturizerFactory(Protocol):

@@ -1028,6 +1028,8 @@ def finetune(base_path: str | Path, target: str | Path, out: str | Path, *, adap
                                  f"compares head adapters only (run the encoder adapter on its own)")
         if getattr(sel, "targets_encoder", False):
             front_feat = front_featurizer(bdir.manifest["featurizer"], f"model {bdir.path}")
+    # what --embed-base copies besides the base, found before training (a missing encoder fails now)
+    assets = _featurizer_assets(bdir, front_feat) if embed_base and not scratch else {}
     device = setup_torch(opts)
     sources = open_stores([target])
     try:
@@ -1059,10 +1061,35 @@ def finetune(base_path: str | Path, target: str | Path, out: str | Path, *, adap
             return save_pretrained(out, prep, t, opts, device, name=name, extra=extra)
         build_batches(prep, specs, opts, need_ivar=front_feat is not None)
         return _finetune_adapters(bdir, base_net, specs, prep, sel, opts, device, out, embed_base, name,
-                                  front_feat)
+                                  front_feat, assets)
     finally:
         for s in sources:
             s.close()
+
+
+def _featurizer_assets(bdir: Any, front_feat: Any) -> dict[str, Path]:
+    """The directories the base model's featurizer reads besides its settings (its factory's
+    optional ``assets(config)``: a transformer base's encoder), by role, for ``--embed-base`` to
+    copy: with them the fine-tuned model predicts on a machine that has only its directory."""
+    from .pipeline import searching_assets
+    from .registry import get_registry
+
+    entry = bdir.manifest["featurizer"]
+    if front_feat is not None:
+        name, config = front_feat.name, front_feat.config()
+    else:
+        name, config = entry["name"], entry["config"]
+    reg = get_registry()
+    get = getattr(reg.get("featurizer", name), "assets", None) if name in reg.items["featurizer"] else None
+    if not callable(get):
+        return {}
+    with searching_assets(bdir.assets()):
+        found = {str(role): Path(path) for role, path in get(config).items()}
+    for role, path in found.items():
+        if not path.is_dir():
+            raise ModelFileError(f"{bdir.path}: the base's featurizer {name} names {role} {path}, which is not a "
+                                 f"directory: --embed-base cannot copy it")
+    return found
 
 
 def _has_front(featurizer_name: str) -> bool:
@@ -1124,11 +1151,12 @@ def _train_adapter(adapter: Any, base_net: Any, prep: Prepared, opts: TrainOptio
 
 def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepared, sel: Any,
                        opts: TrainOptions, device: str, out: Path, embed_base: bool,
-                       name: str | None, front_feat: Any = None) -> dict[str, Any]:
+                       name: str | None, front_feat: Any = None,
+                       assets: dict[str, Path] | None = None) -> dict[str, Any]:
     import os
 
     from .model import ENCODER_FOLDER, FrontNet, make_adapter, plugin_info
-    from .modelfile import ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_model_dir
+    from .modelfile import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ASSETS, write_model_dir
     from .store import featurizer_key
 
     assert prep.train is not None and prep.val is not None
@@ -1181,6 +1209,9 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
     if embed_base:
         base_entry["path"] = "base"
         copy_dirs["base"] = bdir.path
+        copy_dirs.update({f"{ASSETS}/{role}": path for role, path in (assets or {}).items()})
+        base_entry["assets"] = {f"{ASSETS}/{role}": {"role": role, "copied_from": str(path)}
+                                for role, path in (assets or {}).items()}
     else:
         out_abs = out.resolve()
         base_entry["path"] = os.path.relpath(bdir.path.resolve(), out_abs)

@@ -419,3 +419,57 @@ def test_encoder_adapters_train_and_predict_on_cuda(work, tmp_path):
         gpu = load_model(out).to("cuda").predict(r["features"], device="cuda", ivar=r["ivar"])
         np.testing.assert_allclose(gpu["value"], cpu["value"], rtol=1e-3, atol=1e-3)
         assert (gpu["out_of_domain"] != cpu["out_of_domain"]).mean() <= 0.01  # round-off at a threshold
+
+
+@pytest.mark.parametrize("target", ["head", "encoder+head"])
+def test_embed_base_copies_the_encoder_and_predicts_without_it(shared, work, tmp_path, monkeypatch, capsys,
+                                                               target):
+    """--embed-base with a base trained on encoder embeddings: the encoder is copied into the
+    model's assets/, and the model predicts survey files (which need the encoder: as the
+    featurizer of a head-only model, as the front of an encoder one) to the same catalog with
+    the original encoder gone and no STX_ENCODER_PATH."""
+    from astropy.io import fits
+
+    from stxcli.train import TrainOptions, finetune
+
+    src = "tgt_raw.h5" if target == "encoder+head" else "tgt_emb.h5"
+    out = tmp_path / "emb"
+    finetune(work / "base", work / src, out, adapter="lora", adapter_config={"target": target, "r": 4},
+             opts=TrainOptions(epochs=2, seed=1), embed_base=True)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["base"]["embedded"] and list(man["base"]["assets"]) == ["assets/encoder"]
+    assert (out / "assets" / "encoder" / "manifest.json").is_file()
+    assert any(k.startswith("assets/encoder/") for k in man["files"])  # hashed like every file
+    lst = tmp_path / "files.txt"
+    lst.write_text("\n".join(str(p) for p in sorted((shared / "lamost-dr10" / "spectra").glob("*.fits*"))[:4]))
+    monkeypatch.delenv("STX_ENCODER_PATH", raising=False)
+    code, _, err = run_cli(["predict", out, lst, "-o", tmp_path / "with.fits"], capsys)
+    assert code == 0, err
+    hidden = tmp_path / "hidden_enc"
+    shutil.move(str(work / "enc"), hidden)
+    try:
+        code, _, err = run_cli(["predict", out, lst, "-o", tmp_path / "without.fits"], capsys)
+        assert code == 0, err
+        shutil.rmtree(out / "assets")  # the copy is what it used: without it, the one-line error
+        code, _, err = run_cli(["predict", out, lst, "-o", tmp_path / "none.fits"], capsys)
+        assert code != 0 and "STX_ENCODER_PATH" in err and not (tmp_path / "none.fits").exists()
+    finally:
+        shutil.move(str(hidden), work / "enc")
+    with fits.open(tmp_path / "with.fits") as a, fits.open(tmp_path / "without.fits") as b:
+        np.testing.assert_array_equal(a["PREDICTIONS"].data["feh"], b["PREDICTIONS"].data["feh"])
+
+
+def test_embed_base_without_the_encoder_is_a_one_line_error(work, tmp_path, monkeypatch, capsys):
+    """--embed-base cannot copy an encoder it cannot find: a one-line error, nothing written."""
+    monkeypatch.delenv("STX_ENCODER_PATH", raising=False)
+    hidden = tmp_path / "hidden_enc"
+    shutil.move(str(work / "enc"), hidden)
+    try:
+        out = tmp_path / "emb"
+        code, _, err = run_cli(["finetune", work / "base", work / "tgt_emb.h5", "--adapter", "residual",
+                                "--embed-base", "-o", out, "--epochs", 1], capsys)
+        assert code == 1 and err.strip().splitlines()[-1].startswith("error: ") and "STX_ENCODER_PATH" in err, err
+        assert "training" not in err  # found missing before training, not after
+        assert not out.exists()
+    finally:
+        shutil.move(str(hidden), work / "enc")

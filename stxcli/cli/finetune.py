@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[str] = typer.Option(None, "--adapter", "-a", help="Adapter plugin: residual, lora, full, auto, ..."),
         settings: Optional[list[str]] = typer.Option(None, "--set", help="Adapter option key=value (repeatable), e.g. --set r=8, or --set target=encoder / encoder+head (lora, full) to fine-tune the spectral encoder too."),
         scratch: bool = typer.Option(False, "--scratch", help="No adapter: train the base's head architecture from scratch on the same target stars (the target-only baseline)."),
-        embed_base: bool = typer.Option(False, "--embed-base", help="Copy the base model into OUT/base/ instead of referencing it by path + sha256."),
+        embed_base: bool = typer.Option(False, "--embed-base", help="Copy the base model into OUT/base/ (and the files its featurizer reads, e.g. a transformer base's encoder, into OUT/assets/) instead of referencing it by path + sha256: a self-contained model."),
         name: Optional[str] = typer.Option(None, "--name", help="Model name (default: the directory name)."),
         epochs: Optional[int] = EPOCHS, batch_size: Optional[int] = BATCH, lr: Optional[float] = LR,
         weight_decay: Optional[float] = WD, patience: Optional[int] = PATIENCE, val_frac: float = VAL,

@@ -69,15 +69,19 @@ def _holds(d: Path, sha256: str) -> bool:
 
 def locate_encoder(path: str | Path, sha256: str | None) -> Path:
     """The directory of the encoder recorded as ``path`` with weights ``sha256``: ``path`` when it
-    holds that encoder (or when no sha256 is given), else the first match among the directories
-    of ``$STX_ENCODER_PATH`` and their sub-directories; ``path`` again when none matches (loading
-    it then gives the one-line error)."""
+    holds that encoder (or when no sha256 is given), else the first match among the folders the
+    core offers (:func:`stxcli.pipeline.asset_dirs`: a model directory's ``assets/``), then the
+    directories of ``$STX_ENCODER_PATH``, each folder and its sub-directories; ``path`` again
+    when none matches (loading it then gives the one-line error)."""
     import os
+
+    from stxcli.pipeline import asset_dirs
 
     p = Path(path).expanduser().resolve()
     if not sha256 or _holds(p, sha256):
         return p
-    for entry in os.environ.get(SEARCH_ENV, "").split(os.pathsep):
+    searched = [str(d) for d in asset_dirs()] + os.environ.get(SEARCH_ENV, "").split(os.pathsep)
+    for entry in searched:
         if not entry.strip():
             continue
         root = Path(entry.strip()).expanduser().resolve()
@@ -193,6 +197,17 @@ class TransformerFeaturizer:
     def config(self) -> dict[str, Any]:
         return {"encoder": str(self.path), "encoder_sha256": self.encoder_sha256, "pooling": self.pooling,
                 "raw": self.raw.config()}
+
+    @staticmethod
+    def assets(config: dict[str, Any]) -> dict[str, Path]:
+        """The encoder directory a recorded config uses (``stx finetune --embed-base`` copies it
+        into the model), found as the featurizer would find it."""
+        sha = config.get("encoder_sha256")
+        path = locate_encoder(config.get("encoder") or "", sha)
+        if not (path / "manifest.json").is_file() or (sha and not _holds(path, sha)):
+            raise ModelFileError(f"{config.get('encoder')}: the encoder (weights sha256 {str(sha)[:16]}...) is "
+                                 f"not there; set {SEARCH_ENV} to a folder that holds it")
+        return {"encoder": path}
 
     @staticmethod
     def identity_config(config: dict[str, Any]) -> dict[str, Any]:
