@@ -57,19 +57,23 @@ DEG_MODES = {"none": DEG_ALLGOOD, "sparse": DEG_SPARSE, "dense": DEG_DENSE}
 
 
 @_kernel
-def scale_sums(flux, good, rows, asum, gsum):  # type: ignore[no-untyped-def]
-    """Add each spectrum's sum of |flux| (float64) and count over its good pixels (one arm)."""
+def scale_sums(flux, ivar, good, rows, asum, gsum, ivmin):  # type: ignore[no-untyped-def]
+    """Add each spectrum's sum of |flux| (float64) and count over its good pixels (one arm), and
+    give its smallest good ivar (inf without a good pixel)."""
     npix = flux.shape[1]
     for i in range(rows.size):
         r = rows[i]
         s = 0.0
         g = 0
+        lo = np.float32(np.inf)
         for p in range(npix):
             if good[r, p]:
                 s += abs(flux[r, p])
                 g += 1
+                lo = min(lo, ivar[r, p])
         asum[i] += s
         gsum[i] += g
+        ivmin[i] = lo
 
 
 @_kernel

@@ -432,9 +432,12 @@ class RawFeaturizer:
                 for arm in batch.arms]
         asum = np.zeros(nl)
         gsum = np.zeros(nl, np.int64)
-        for (flux, _), (good, _) in zip(data, screened):
-            J.scale_sums(flux, good, rows, asum, gsum)
+        ivmin = [np.empty(nl, np.float32) for _ in data]  # each arm's smallest good ivar per spectrum
+        for (flux, ivar), (good, _), lo in zip(data, screened, ivmin):
+            J.scale_sums(flux, ivar, good, rows, asum, gsum, lo)
         _, inv_scale = _scales(asum, gsum)
+        screened = [(_without_overflow(good, ivar, rows, inv_scale, lo), nf)
+                    for (good, nf), (_, ivar), lo in zip(screened, data, ivmin)]
 
         # 2-3. resolution matching and the observed frame, per arm
         s_fi = np.zeros((nl, m), np.float32)  # spectrum-major sums, transposed once below
@@ -548,6 +551,12 @@ class RawFeaturizer:
                 np.divide(np.broadcast_to(inv2, var.shape), var, out=var, where=gt)  # scaled 1/ivar
             if not allgood:
                 np.copyto(var, np.float32(0.0), where=~gt)
+            if var.size and var.max() == np.inf:  # an ivar so small its variance overflows: no information
+                over = np.isinf(var)
+                gt &= ~over
+                ft[over] = 0.0
+                var[over] = 0.0
+                allgood = False
             for cols, wave in self._row_groups(arm, live):
                 grid = self._grid(wave)
                 if cols is None:
@@ -965,6 +974,25 @@ def _int(name: str, value: Any, lo: int) -> int:
     if not ok:
         raise UsageError(f"raw featurizer: {name} must be an integer >= {lo}, got {value!r}")
     return int(value)
+
+
+def _without_overflow(good: np.ndarray, ivar: np.ndarray, rows: np.ndarray, inv_scale: np.ndarray,
+                      ivmin: np.ndarray) -> np.ndarray:
+    """``good`` (n_all, npix) without the pixels of spectra ``rows`` whose scaled variance
+    ``inv_scale^2 / ivar`` overflows float32 (an ivar of ~1e-44 carries no information), as the
+    numpy path drops them; ``ivmin``: each spectrum's smallest good ivar, so that only the rows
+    where it overflows are looked at (a copy of ``good`` only then)."""
+    sc2 = inv_scale * inv_scale
+    with np.errstate(divide="ignore", over="ignore"):
+        suspect = np.flatnonzero(sc2 / ivmin == np.inf)
+    if not suspect.size:
+        return good
+    good = good.copy()
+    for i in suspect:
+        r = rows[i]
+        with np.errstate(divide="ignore", over="ignore"):
+            good[r] &= ~(sc2[i] / ivar[r] == np.inf)
+    return good
 
 
 def _scales(asum: np.ndarray, gsum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
