@@ -136,26 +136,18 @@ def probe_file(path: Path) -> FileProbe:
     return FileProbe(path=path, suffix=suffix, compressed=compressed, hdus=tuple(hdus))
 
 
-def _hdu_info(index: int, kind: str, hdr: Any) -> HduInfo:
-    """What the probe records of HDU ``index`` from its astropy header."""
+def _hdu_info(index: int, kind: str, hdr: Any, header_text: str | None = None) -> HduInfo:
+    """What the probe records of HDU ``index`` from its header keywords: an astropy header, or
+    the probe scan's keyword dict with ``header_text`` (the same values: the tests compare them on
+    every real file), whose astropy header is then parsed only if someone asks for it."""
     cols: tuple[str, ...] = ()
     if kind in ("bintable", "table"):
         cols = tuple(str(hdr[f"TTYPE{j}"]).upper() for j in range(1, int(hdr.get("TFIELDS", 0)) + 1))
     shape = tuple(int(hdr.get(f"NAXIS{j}", 0)) for j in range(int(hdr.get("NAXIS", 0)), 0, -1))
     name = str(hdr.get("EXTNAME", "PRIMARY" if index == 0 else f"HDU{index}")).upper().strip()
+    if header_text is not None:
+        return HduInfo(index=index, name=name, kind=kind, columns=cols, shape=shape, header_text=header_text)
     return HduInfo(index=index, name=name, kind=kind, header=hdr, columns=cols, shape=shape)
-
-
-def _scanned_hdu_info(raw: Any, kind: str) -> HduInfo:
-    """:func:`_hdu_info` from a scanned HDU's keywords (the same values: the tests compare them on
-    every real file), its astropy header parsed only if someone asks for it."""
-    hdr = raw.header
-    cols: tuple[str, ...] = ()
-    if kind in ("bintable", "table"):
-        cols = tuple(str(hdr[f"TTYPE{j}"]).upper() for j in range(1, int(hdr.get("TFIELDS", 0)) + 1))
-    name = str(hdr.get("EXTNAME", "PRIMARY" if raw.index == 0 else f"HDU{raw.index}")).upper().strip()
-    return HduInfo(index=raw.index, name=name, kind=kind, columns=cols, shape=raw.shape,
-                   header_text=raw.header_text)
 
 
 _XTENSION_KIND = {"IMAGE": "image", "BINTABLE": "bintable", "TABLE": "table"}
@@ -192,7 +184,7 @@ def _probe_scanned(path: Path) -> tuple[HduInfo, ...] | None:
                 kind = _XTENSION_KIND.get(str(r.header.get("XTENSION", "")).strip().upper(), "")
                 if not kind or r.compressed:
                     return None
-            hdus.append(_scanned_hdu_info(r, kind))
+            hdus.append(_hdu_info(r.index, kind, r.header, r.header_text))
         return tuple(hdus) or None
     except (FormatError, OSError, ValueError, KeyError, TypeError, UnicodeError):
         return None
