@@ -92,6 +92,22 @@ def locate_encoder(path: str | Path, sha256: str | None) -> Path:
     return p
 
 
+def verified_encoder(path: str | Path, sha256: str | None) -> tuple[Path, dict[str, Any], str]:
+    """The encoder recorded as ``path`` with weights ``sha256`` (:func:`locate_encoder`): its
+    directory, manifest and verified weights sha256; a one-line error, which says where else it
+    is looked for, when it is not there or its weights differ."""
+    from ..encoder.io import read_manifest, verify_weights
+
+    found = locate_encoder(path, sha256)
+    hint = f" (if the encoder moved, point {SEARCH_ENV} at the folder that holds it now)" if sha256 else ""
+    try:
+        manifest = read_manifest(found)
+        _, digest = verify_weights(found, manifest, sha256)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{exc}{hint}") from exc
+    return found, manifest, digest
+
+
 class TransformerFeaturizer:
     name = "transformer"
     version = "1"
@@ -103,7 +119,6 @@ class TransformerFeaturizer:
         from stxcli.pipeline import build_featurizer
 
         from ..encoder.config import POOLINGS, EncoderConfig
-        from ..encoder.io import read_manifest, verify_weights
 
         if encoder is None:
             raise UsageError("featurizer 'transformer' needs an encoder: --set encoder=DIR "
@@ -121,17 +136,10 @@ class TransformerFeaturizer:
             from ..encoder.train import resolve_device
 
             resolve_device(self.device)
-        self.path = locate_encoder(encoder, encoder_sha256)
         # Verify now (sha256), build the torch module only when first used: a process that just
         # reads config()/dim (the parent of `stx featurize --workers N`) never runs torch ops, so
         # forking workers from it stays safe.
-        hint = (f" (if the encoder moved, point {SEARCH_ENV} at the folder that holds it now)"
-                if encoder_sha256 else "")
-        try:
-            self.manifest = read_manifest(self.path)
-            _, self.encoder_sha256 = verify_weights(self.path, self.manifest, encoder_sha256)
-        except ModelFileError as exc:
-            raise ModelFileError(f"{exc}{hint}") from exc
+        self.path, self.manifest, self.encoder_sha256 = verified_encoder(encoder, encoder_sha256)
         try:
             self.architecture = EncoderConfig.from_dict(dict(self.manifest["architecture"]))
         except (TypeError, ValueError) as exc:
@@ -201,13 +209,8 @@ class TransformerFeaturizer:
     @staticmethod
     def assets(config: dict[str, Any]) -> dict[str, Path]:
         """The encoder directory a recorded config uses (``stx finetune --embed-base`` copies it
-        into the model), found as the featurizer would find it."""
-        sha = config.get("encoder_sha256")
-        path = locate_encoder(config.get("encoder") or "", sha)
-        if not (path / "manifest.json").is_file() or (sha and not _holds(path, sha)):
-            raise ModelFileError(f"{config.get('encoder')}: the encoder (weights sha256 {str(sha)[:16]}...) is "
-                                 f"not there; set {SEARCH_ENV} to a folder that holds it")
-        return {"encoder": path}
+        into the model), found and verified as the featurizer finds and verifies it."""
+        return {"encoder": verified_encoder(config.get("encoder") or "", config.get("encoder_sha256"))[0]}
 
     @staticmethod
     def identity_config(config: dict[str, Any]) -> dict[str, Any]:
