@@ -270,7 +270,6 @@ class RawFeaturizer:
         self._grids: dict[bytes, L.InputGrid] = {}
         self._degraders: dict[bytes, L.Degrader | None] = {}
         self._zero_mats: dict[bytes, Any] = {}
-        self._zero_runs: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # the same, as the kernels take them
         self._ccf_templates: np.ndarray | None = None
         self._ccf_bank: L.CcfBank | None = None
         self._tell = np.zeros(self.dim, bool)
@@ -464,10 +463,9 @@ class RawFeaturizer:
             j1 = max(j0, j1)
             edges = self._edges[j0: j1 + 1]
             if j1 > j0:
-                key = _key(grid.wave, edges)
-                o = _cached(self._zero_mats, key, lambda: _zero_velocity_mats(grid, edges))[0]
-                o_arr = (o.indptr, o.indices, o.data, o.data * o.data,
-                         *_cached(self._zero_runs, key, lambda: L.fixed_width_rows(o)))
+                o, _, _, runs = _cached(self._zero_mats, _key(grid.wave, edges),
+                                        lambda: _zero_velocity_mats(grid, edges))
+                o_arr = (o.indptr, o.indices, o.data, o.data * o.data, *runs)
             else:
                 o_arr = (np.zeros(1, np.int32), none_i, none_f, none_f, np.zeros(0, np.int64),
                          np.zeros((0, 0), np.float32))
@@ -773,8 +771,8 @@ class RawFeaturizer:
             if j1 <= j0:
                 continue
             edges = self._edges[j0: j1 + 1]
-            o, o2, covered = _cached(self._zero_mats, _key(pc.grid.wave, edges),
-                                     lambda: _zero_velocity_mats(pc.grid, edges))
+            o, o2, covered, _ = _cached(self._zero_mats, _key(pc.grid.wave, edges),
+                                        lambda: _zero_velocity_mats(pc.grid, edges))
             num, vnum = o @ pc.a, o2 @ pc.v
             den = covered if pc.b is None else o @ pc.b
             thr = (self.min_coverage * np.diff(edges)).astype(np.float32)[:, None]
@@ -1060,12 +1058,14 @@ def _cached(cache: dict, key: Any, build: Any) -> Any:
         return cache[key]
 
 
-def _zero_velocity_mats(grid: L.InputGrid, edges: np.ndarray) -> tuple[Any, Any, np.ndarray]:
+def _zero_velocity_mats(grid: L.InputGrid, edges: np.ndarray
+                        ) -> tuple[Any, Any, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """The rebinning of ``grid`` onto ``edges`` at zero velocity: the overlap matrix, its square
-    (for the variance) and the width each output bin covers."""
+    (for the variance), the width each output bin covers, and the matrix's rows as the compiled
+    kernels take them (:func:`._rawlib.fixed_width_rows`)."""
     o = L.resample_matrix(grid, edges)
     covered = (o @ grid.width.astype(np.float32)).astype(np.float32)[:, None]
-    return o, o.multiply(o).tocsr(), covered
+    return o, o.multiply(o).tocsr(), covered, L.fixed_width_rows(o)
 
 
 @hookimpl
