@@ -8,7 +8,9 @@
    Target: stx epoch <= 1.25x the bare epoch.
 2. Predict from a feature store (``stx predict``: chunked HDF5 reads, the model, the
    training-domain scores, delta-method errors, flags, the streamed FITS catalog) against bare
-   MLP inference on in-memory tensors. Target: >= 0.8x the bare rate.
+   MLP inference on in-memory tensors. Target: >= 0.8x the bare rate. stx's first layer runs
+   through oneDNN (:mod:`stxcli.linear`), the bare loop's through torch's default ``F.linear``;
+   stx with ``F.linear`` too is timed alongside, for what the rest of predict costs.
 3. Fine-tune epoch (``stx finetune`` with ``residual``, ``lora`` and ``full`` on a target store of
    ``--n-finetune`` stars, the adapters' default batch size and learning rate; per-epoch times from
    the model's manifest) against a bare torch loop training the same trainable parameters
@@ -28,6 +30,7 @@ not depend on the values. Writes benchmarks/results/models.json (``--quick``: mo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -99,6 +102,24 @@ def bare_epoch(x, y, hidden: list[int], batch: int, lr: float, seed: int) -> tup
         loss.backward()
         opt.step()
     return time.perf_counter() - t0, sum(p.numel() for p in net.parameters())
+
+
+@contextlib.contextmanager
+def default_product():
+    """Inside: stx's first layer through torch's F.linear (``STX_ONEDNN=0``), as the bare loop's."""
+    from stxcli import linear
+
+    before = os.environ.get("STX_ONEDNN")
+    os.environ["STX_ONEDNN"] = "0"
+    linear.onednn_usable.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("STX_ONEDNN")
+        else:
+            os.environ["STX_ONEDNN"] = before
+        linear.onednn_usable.cache_clear()
 
 
 def bare_inference(x, hidden: list[int], n_labels: int, chunk: int) -> float:
@@ -385,13 +406,21 @@ def main() -> None:
     # -- predict from the store vs bare inference, alternating
     with FeatureStore.open(store) as st:
         xall = torch.from_numpy(st.read(0, st.n)["features"])
-    t_pred = t_bare_inf = math.inf
+    t_pred = t_bare_inf = t_pred_plain = math.inf
     for _ in range(args.predict_reps):
         t0 = time.perf_counter()
         p = run_predict(tmp / "model", [str(store)], tmp / "pred.fits", chunk_rows=4096, threads=args.threads)
         t_pred = min(t_pred, time.perf_counter() - t0)
         t_bare_inf = min(t_bare_inf, bare_inference(xall, hidden, 3, 4096))
+        # stx with torch's default product for the first layer (F.linear, as the bare loop): what
+        # the store, the standardisation, the domain scores and the catalog cost on their own
+        with default_product():
+            t0 = time.perf_counter()
+            run_predict(tmp / "model", [str(store)], tmp / "pred.fits", chunk_rows=4096, threads=args.threads)
+            t_pred_plain = min(t_pred_plain, time.perf_counter() - t0)
     del xall
+    from stxcli.linear import onednn_usable
+    onednn_on = onednn_usable()
 
     # -- fine-tune epochs (residual, lora, full) vs a bare loop of the same trainable parameters
     target = tmp / "target.h5"
@@ -417,9 +446,14 @@ def main() -> None:
             "stx_spectra_per_s": round(n / t_pred, 1), "bare_spectra_per_s": round(n / t_bare_inf, 1),
             "ratio_stx_over_bare": round((n / t_pred) / (n / t_bare_inf), 3), "target_min_ratio": 0.8,
             "stx_s": round(t_pred, 2), "bare_s": round(t_bare_inf, 2), "summary_time_s": p["time_s"],
-            "reps": args.predict_reps,
+            "reps": args.predict_reps, "first_layer": "onednn" if onednn_on else "F.linear",
+            "stx_default_product_s": round(t_pred_plain, 2),
+            "ratio_stx_default_product_over_bare": round(t_bare_inf / t_pred_plain, 3),
             "note": "stx predict (reads, domain scores, errors, flags, FITS) and bare inference on "
-                    "in-memory tensors run alternately, best of each kept",
+                    "in-memory tensors run alternately, best of each kept; stx runs its first layer "
+                    "(and the domain projections) through oneDNN (stxcli.linear), the bare loop "
+                    "through torch's default F.linear; stx_default_product: stx with F.linear too "
+                    "(STX_ONEDNN=0), the cost of everything but the product",
         },
         "finetune": {
             "n_target": n_ft, "epochs_per_run": args.ft_epochs, **ft,

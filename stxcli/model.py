@@ -25,6 +25,7 @@ from torch import nn
 
 from . import console
 from .errors import ModelFileError, StxError, UsageError
+from .linear import Linear, linear_fn
 from .modelfile import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelDir
 
 #: the sub-folder of a fine-tuned model holding an adapter's encoder part (peft-like layout)
@@ -492,10 +493,11 @@ class LoadedModel:
     _zbuf: torch.Tensor | None = field(default=None, repr=False)
     _folded: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def _fold(self, device: Any) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    def _fold(self, device: Any) -> tuple[Linear, int] | None:
         """The first net's first layer (its head's optional ``first_layer()``) with every domain
-        model's projection appended: ``(weight, bias, width of the first layer)``, or None when
-        the head does not offer it. Built once per device (the nets do not change in predict)."""
+        model's projection appended, as one product (:func:`stxcli.linear.linear_fn`: oneDNN's
+        kernel on the CPU), and the width of the first layer; None when the head does not offer
+        it. Built once per device (the nets do not change in predict)."""
         key = str(device)
         if key not in self._folded:
             first = getattr(self.nets[0].head, "first_layer", None)
@@ -510,7 +512,7 @@ class LoadedModel:
                 # 1.3x that for 544 (4096 x 3500 rows, 2 threads)
                 pad = torch.zeros(-rows % 32, w.shape[1], dtype=w.dtype, device=w.device)
                 zeros = torch.zeros(rows - int(w.shape[0]) + pad.shape[0], dtype=b.dtype, device=b.device)
-                self._folded[key] = (torch.cat([w, *proj, pad]).contiguous(), torch.cat([b, zeros]),
+                self._folded[key] = (linear_fn(torch.cat([w, *proj, pad]).contiguous(), torch.cat([b, zeros])),
                                      int(w.shape[0]))
         return self._folded[key]
 
@@ -571,8 +573,8 @@ class LoadedModel:
                 continue
             if folded:
                 # the first layer and the domain projections in one product: z is read once
-                w, b, h = fold
-                y = torch.nn.functional.linear(z, w, b)
+                first, h = fold
+                y = first(z)
                 q = y[:, h:]
                 mu, lv = net.head.forward_from_first(y[:, :h])
             else:

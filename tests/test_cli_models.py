@@ -222,8 +222,10 @@ def test_real_files_store_and_catalog_agree(dr10, capsys, monkeypatch):
     b, _ = _table(d / "files.fits")
     assert len(a) == len(b) == 40 and "obsid" in a.colnames and a["survey"][0] == "lamost"
     np.testing.assert_array_equal(a["obsid"], b["obsid"])
-    for lab in LABELS:  # featurized on the fly with the manifest's featurizer: the same numbers
-        np.testing.assert_allclose(a[lab], b[lab], rtol=1e-5)
+    for lab in LABELS:  # featurized on the fly with the manifest's featurizer: the same numbers (to
+        # float32 rounding: the model runs on 1 thread beside the featurizing pool, on all for a store,
+        # and oneDNN's product sums in another order then; atol for an [Fe/H] near 0)
+        np.testing.assert_allclose(a[lab], b[lab], rtol=1e-5, atol=1e-6)
     import stxcli.pipeline as pipeline
     import stxcli.registry as registry
 
@@ -257,7 +259,7 @@ def test_real_files_store_and_catalog_agree(dr10, capsys, monkeypatch):
     by_obsid = {int(o): i for i, o in enumerate(a["obsid"])}
     idx = [by_obsid[int(o)] for o in c["obsid"]]
     for lab in LABELS:
-        np.testing.assert_allclose(c[f"pred_{lab}"], np.asarray(a[lab])[idx], rtol=1e-5)
+        np.testing.assert_allclose(c[f"pred_{lab}"], np.asarray(a[lab])[idx], rtol=1e-5, atol=1e-6)
         assert str(c[f"pred_{lab}_err"].unit) == str(a[f"{lab}_err"].unit)
     assert hdr["MODELSHA"]
 
