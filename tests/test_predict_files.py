@@ -84,3 +84,31 @@ def test_the_model_runs_on_one_thread_while_a_pool_featurizes(monkeypatch, tmp_p
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_spool_writes_every_chunk_with_fills_and_the_widest_strings(tmp_path):
+    """The streamed catalog: chunks spooled as raw bytes, one FITS table in order; a column a
+    chunk lacks gets its fill (NaN, -1); strings take the widest width seen, UTF-8 kept."""
+    from astropy.io import fits
+
+    spool = P.Spool(tmp_path / "sp")
+    spool.append({"id": np.array(["a", "bb"]), "teff": np.array([5000.5, 6000.25], np.float32),
+                  "flags": np.array([1, 2], np.int32)})
+    spool.append({"id": np.array(["ccc-é"]), "teff": np.array([4500.0], np.float32),
+                  "flags": np.array([4], np.int32), "targetid": np.array([2**40 + 3], np.int64),
+                  "ra": np.array([10.125])})
+    spool.append({"id": np.array([b"d"]), "teff": np.array([7000.0], np.float32), "flags": np.array([8], np.int32)})
+    out = tmp_path / "c.fits"
+    order = ["id", "targetid", "ra", "teff", "flags"]
+    spool.write_fits(out, order, {"teff": "K"}, {"MODEL": ("m", "")})
+    spool.close()
+    assert not (tmp_path / "sp").exists()
+    with fits.open(out) as h:
+        t = h[1].data
+        assert h[1].header["NAXIS2"] == 4 and h[1].columns["teff"].unit == "K" and h[0].header["MODEL"] == "m"
+        assert list(t.names) == order and h[1].columns["id"].format == "6A"  # "ccc-é" is 6 UTF-8 bytes
+        assert [bytes(v).decode() if isinstance(v, bytes) else v for v in t["id"]] == ["a", "bb", "ccc-é", "d"]
+        np.testing.assert_array_equal(t["teff"], [5000.5, 6000.25, 4500.0, 7000.0])
+        np.testing.assert_array_equal(t["flags"], [1, 2, 4, 8])
+        np.testing.assert_array_equal(t["targetid"], [-1, -1, 2**40 + 3, -1])
+        assert np.isnan(t["ra"][[0, 1, 3]]).all() and t["ra"][2] == 10.125
