@@ -201,6 +201,20 @@ class FrontNet(nn.Module):
         return self.forward_rows(x, ivar)
 
 
+class FromFrozen(nn.Module):
+    """An adapted head trained from what its frozen part gave each row once
+    (:func:`stxcli.train.frozen_cache`); its state is the head's."""
+
+    row_batch = 4096
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward_rows(self, c: torch.Tensor, ivar: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head.forward_from_frozen(c)
+
+
 def feature_norm(mean: np.ndarray, std: np.ndarray, floor: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """(mean, scale = 1/std) with constant features (std below ``floor``) left unscaled."""
     std = np.asarray(std, dtype=np.float64)

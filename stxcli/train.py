@@ -376,9 +376,16 @@ class Batches:
             self.t = [torch.from_numpy(x), None if iv is None else torch.from_numpy(iv),
                       torch.from_numpy(y), torch.from_numpy(w)]
 
+    @classmethod
+    def of_tensors(cls, x: Any, iv: Any, y: Any, w: Any) -> "Batches":
+        """Cached batches of rows already in memory (no :class:`RowSet` behind them)."""
+        b = cls.__new__(cls)
+        b.rows, b.cached, b.buffer_chunks, b.t = None, True, 0, [x, iv, y, w]
+        return b
+
     @property
     def n(self) -> int:
-        return self.rows.n
+        return int(self.t[0].shape[0]) if self.cached else self.rows.n
 
     def standardize(self, mean: np.ndarray, scale: np.ndarray) -> None:
         """From now on yield standardised rows, ``(x - mean) * scale`` (and ivar / scale^2):
@@ -540,6 +547,9 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     train_time_s: float = 0.0
     closed_form: dict[str, Any] | None = None
+    #: seconds of the one pass computing a frozen base's outputs (:func:`frozen_cache`; part of
+    #: ``train_time_s``), None when training ran the base every batch
+    frozen_cache_s: float | None = None
 
 
 def setup_torch(opts: TrainOptions) -> str:
@@ -1121,6 +1131,42 @@ def check_front_input(source: Source, feat: Any, bdir: Any) -> None:
                    f"featurize the target stars with the encoder's settings")
 
 
+def frozen_cache(head: Any, train: Batches, val: Batches, device: str) -> tuple[Any, Batches, Batches] | None:
+    """Train an adapted head from what its frozen part gives each row, computed once.
+
+    A head may offer ``frozen_rows(x) -> (B, C) | None`` (everything its frozen part computes
+    from standardised features ``x``) and ``forward_from_frozen(c) -> (mean, logvar)``: the
+    residual adapter's base never changes while it trains, so its outputs and hidden state need
+    not be recomputed for every batch of every epoch. Taken when both row sets are cached in
+    memory (the caller leaves out noise augmentation and encoder fronts, which change the base's
+    input) and the head gives them; returns the module to train (its parameters are the head's)
+    and the two row sets, else None."""
+    import torch
+
+    from .model import FromFrozen
+
+    fr, ff = getattr(head, "frozen_rows", None), getattr(head, "forward_from_frozen", None)
+    if not (callable(fr) and callable(ff) and train.cached and val.cached):
+        return None
+    out = []
+    was = head.training
+    head.eval()
+    try:
+        with torch.no_grad():
+            for b in (train, val):
+                x, _, y, w = b.t
+                parts = []
+                for s in range(0, max(x.shape[0], 1), 4096):
+                    c = fr(x[s:s + 4096].to(device))
+                    if c is None:
+                        return None
+                    parts.append(c.cpu())
+                out.append(Batches.of_tensors(torch.cat(parts).contiguous(), None, y, w))
+    finally:
+        head.train(was)
+    return FromFrozen(head), out[0], out[1]
+
+
 def _train_adapter(adapter: Any, base_net: Any, prep: Prepared, opts: TrainOptions, device: str,
                    front_feat: Any = None) -> dict[str, Any]:
     import copy
@@ -1140,7 +1186,18 @@ def _train_adapter(adapter: Any, base_net: Any, prep: Prepared, opts: TrainOptio
         net = FrontNet(front, net)
     hp = opts.resolve(adapter.training_defaults())
     n_params = count_trainable(net)
-    res = fit_gradient(net, groups, prep.train, prep.val, hp, opts, device, f"finetune {adapter.name}")
+    fit_net, fit_train, fit_val = net, prep.train, prep.val
+    t_cache = None
+    if front is None and opts.augment_noise == 0:
+        t0 = time.perf_counter()
+        cached = frozen_cache(head, prep.train, prep.val, device)
+        if cached is not None:
+            fit_net, fit_train, fit_val = cached
+            t_cache = time.perf_counter() - t0
+    res = fit_gradient(fit_net, groups, fit_train, fit_val, hp, opts, device, f"finetune {adapter.name}")
+    if t_cache is not None:
+        res.frozen_cache_s = round(t_cache, 4)
+        res.train_time_s += t_cache
     ps = predict_rows(net, prep.val, device)
     val = label_report(prep.specs, ps)
     net.cpu()
@@ -1255,6 +1312,7 @@ def _finetune_adapters(bdir: Any, base_net: Any, specs: list[Any], prep: Prepare
             "runs": {c: {"options": _options_record(opts, r["hp"]),
                          "epochs_run": r["fit"].epochs_run, "best_epoch": r["fit"].best_epoch,
                          "stopped_early": r["fit"].stopped_early, "train_time_s": round(r["fit"].train_time_s, 3),
+                         "frozen_cache_s": r["fit"].frozen_cache_s,
                          "history": r["fit"].history} for c, r in runs.items()},
             "epochs_run": sum(r["fit"].epochs_run for r in runs.values()),
             "best_epoch": None if selector else main["fit"].best_epoch,

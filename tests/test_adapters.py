@@ -51,6 +51,28 @@ def test_residual_zero_init_equals_base_and_trains_alone(use):
     assert res.adapter_config()["adapter_type"] == "residual"
 
 
+def test_residual_from_frozen_rows_equals_its_forward():
+    """Training reads the frozen base's outputs once (frozen_rows) and continues from them
+    (forward_from_frozen): the same mean and log-variance as the module's own forward, for an
+    ensemble of 2 (member-major order) and a trained correction."""
+    torch.manual_seed(0)
+    base = make_head("mlp", {"hidden": [16, 8], "ensemble": 2}).build(40, 3).eval()
+    model = make_adapter("residual", {"hidden": [5]}).attach(copy.deepcopy(base))
+    with torch.no_grad():
+        for p in model.delta.parameters():
+            p.normal_()
+    x = torch.randn(30, 40)
+    c = model.frozen_rows(x)
+    assert c.shape == (30, 2 * 2 * 3 + 16)
+    for got, ref in zip(model.forward_from_frozen(c), model(x)):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for use in ("features", "both"):  # the correction reads the features: no cache (it would copy them)
+        assert make_adapter("residual", {"input": use}).attach(copy.deepcopy(base)).frozen_rows(x) is None
+    # a ridge base's "hidden state" is the features themselves: no cache either
+    ridge = make_head("ridge", {}).build(12, 3)
+    assert make_adapter("residual", {}).attach(ridge).frozen_rows(torch.randn(3, 12)) is None
+
+
 def test_residual_on_ridge_needs_features():
     ridge = make_head("ridge", {}).build(12, 3)
     model = make_adapter("residual", {"input": "features"}).attach(ridge)
@@ -190,3 +212,33 @@ def test_auto_candidates_checked_before_training(domains, tmp_path):
         finetune(domains / "base", domains / "tgt.h5", tmp_path / "o", adapter="auto",
                  adapter_config={"candidates": "auto"})
     assert not (tmp_path / "o").exists()
+
+
+def test_residual_trains_from_the_frozen_cache_as_from_features(domains, tmp_path, monkeypatch):
+    """stx finetune --adapter residual trains from the base's outputs computed once: the same
+    model (to float32 rounding) as running the frozen base on every batch."""
+    import stxcli.train as T
+
+    d = domains
+    opts = TrainOptions(n_train=200, seed=3, epochs=15)
+    used = []
+    real = T.frozen_cache
+    monkeypatch.setattr(T, "frozen_cache", lambda *a: used.append(real(*a)) or used[-1])
+    s1 = finetune(d / "base", d / "tgt.h5", tmp_path / "cached", adapter="residual", opts=opts)
+    assert used and used[0] is not None  # the cache was taken
+    monkeypatch.setattr(T, "frozen_cache", lambda *a: None)
+    s2 = finetune(d / "base", d / "tgt.h5", tmp_path / "plain", adapter="residual", opts=opts)
+    _, p1 = _mae(tmp_path / "cached", d)
+    _, p2 = _mae(tmp_path / "plain", d)
+    np.testing.assert_allclose(p1["value"], p2["value"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(p1["err"], p2["err"], rtol=1e-3)
+    runs = [json.loads((tmp_path / k / "manifest.json").read_text())["training"]["runs"]["residual"]
+            for k in ("cached", "plain")]
+    assert runs[0]["frozen_cache_s"] > 0 and runs[1]["frozen_cache_s"] is None
+    assert runs[0]["train_time_s"] >= runs[0]["frozen_cache_s"]
+    # noise augmentation changes the base's input every batch: no cache
+    used.clear()
+    monkeypatch.setattr(T, "frozen_cache", lambda *a: used.append(1) or real(*a))
+    finetune(d / "base", d / "tgt.h5", tmp_path / "noisy", adapter="residual",
+             opts=TrainOptions(n_train=200, seed=3, epochs=2, augment_noise=1.0))
+    assert not used

@@ -53,12 +53,40 @@ class ResidualNet(nn.Module):
         else:
             mean, logvar, hidden = self.base.forward_hidden(x)
             h = hidden if self.use == "hidden" else torch.cat([x, hidden], dim=1)
+        return self._corrected(mean, logvar, h)
+
+    def _corrected(self, mean: torch.Tensor, logvar: torch.Tensor, h: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.delta(h)
         L = self.n_labels
         mean = mean + d[:, :L]
         if self.correct_logvar:
             logvar = logvar + d[:, L:]
         return mean, logvar
+
+    def frozen_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the frozen base gives each row, ``(B, 2 K L + H)``: its mean and log-variance
+        (member-major) and its hidden state. Training reads them once instead of running the base
+        every epoch (the base never changes, and never runs dropout). None when the correction
+        reads the features themselves (``input=features|both``, or a base whose hidden state is
+        its input): a cache would copy them."""
+        if self.use != "hidden":
+            return None
+        mean, logvar, hidden = self.base.forward_hidden(x)
+        if hidden is x:  # a linear base (ridge): its "hidden state" is the features
+            return None
+        K, B, L = mean.shape
+        return torch.cat([mean.transpose(0, 1).reshape(B, K * L), logvar.transpose(0, 1).reshape(B, K * L),
+                          hidden], dim=1)
+
+    def forward_from_frozen(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` from :meth:`frozen_rows`' output."""
+        L = self.n_labels
+        k = (c.shape[1] - self.delta[0].in_features) // (2 * L)
+        B = c.shape[0]
+        mean = c[:, :k * L].reshape(B, k, L).transpose(0, 1)
+        logvar = c[:, k * L:2 * k * L].reshape(B, k, L).transpose(0, 1)
+        return self._corrected(mean, logvar, c[:, 2 * k * L:])
 
 
 # ----------------------------------------------------------------------------------------- LoRA
