@@ -448,7 +448,7 @@ class RawFeaturizer:
         none_f = np.zeros(1, np.float32)
         for arm, grid, (flux, ivar), (good, _) in zip(batch.arms, grids, data, screened):
             npix = grid.npix
-            ngood = int(np.count_nonzero(good, axis=1)[rows].sum())
+            ngood = int(np.count_nonzero(good if live is None else good[rows]))  # (no axis: 5x quicker)
             total = nl * npix
             allgood = ngood == total
             mode, deg = J.DEG_NONE, None
