@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import kernels, loadavg, raw_model, write  # noqa: E402
+from _common import kernels, loadavg, raw_model, specutils_alone, write  # noqa: E402
 
 os.environ.setdefault("STX_LOAD_PLUGINS", "stx")
 
@@ -265,35 +265,11 @@ def finetune_speed(base: Path, target: Path, tmp: Path, hidden: list[int], threa
     return out
 
 
-_SPECUTILS_ALONE = """
-import json, sys, time
-sys.path.insert(0, sys.argv[1])
-from bench_featurize import read_specutils
-files = sys.argv[2:]
-read_specutils(files[0])  # imports and first touch, untimed
-t0 = time.perf_counter()
-n = sum(read_specutils(f) for f in files)
-print(json.dumps({"s": time.perf_counter() - t0, "n": n}))
-"""
-
-
-def specutils_alone(files: list[Path]) -> tuple[float, int]:
-    """specutils' read of ``files`` in a fresh process of its own (warmed by one untimed read):
-    (seconds, spectra). In the benchmark's own process, after torch and stx's pool have run,
-    specutils read the same files 0.66 s alone but 0.76-0.95 s there (2026-12-07)."""
-    import subprocess
-
-    res = subprocess.run([sys.executable, "-c", _SPECUTILS_ALONE, str(Path(__file__).resolve().parent),
-                          *map(str, files)], capture_output=True, text=True, check=True)
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    return float(out["s"]), int(out["n"])
-
-
 def e2e_predict(tmp: Path, model: Path, n_files: int, rows: int, threads: int, reps: int,
                 live_only: bool = False) -> dict[str, object]:
     """``stx predict MODEL FILES`` (read + raw featurization + model + catalog) against specutils'
     read of the same files alone, alternating, best of ``reps``; specutils is timed in this process
-    and in one of its own (:func:`specutils_alone`), the quicker being the baseline; ``model`` is a raw-feature MLP
+    and in one of its own (:func:`_common.specutils_alone`), the quicker being the baseline; ``model`` is a raw-feature MLP
     (:func:`_common.raw_model`). ``live_only``: the coadd tiles
     only the EDR rows with data (the tiled EDR file is 60 % dead fibres, which stx featurizes
     cheaply and no longer runs through the model: a real coadd has a few per cent)."""
