@@ -200,6 +200,8 @@ def specutils_alone(files: list[Path]) -> tuple[float, int]:
     (seconds, spectra). In bench_models' process, after torch and stx's pool have run,
     specutils read 4 live coadds in 0.76-0.95 s; alone, 0.66 s (2026-12-07)."""
     res = subprocess.run([sys.executable, "-c", _SPECUTILS_ALONE, str(REPO / "benchmarks"),
-                          *map(str, files)], capture_output=True, text=True, check=True)
+                          *map(str, files)], capture_output=True, text=True, cwd=REPO)
+    if res.returncode != 0:
+        raise RuntimeError(f"specutils read in its own process exited {res.returncode}: {res.stderr[-2000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
     return float(out["s"]), int(out["n"])
