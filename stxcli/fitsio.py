@@ -22,8 +22,8 @@ BLOCK = 2880
 
 class RawHdu:
     """One HDU found by :func:`scan_headers` / :func:`scan_buffer`: its header keywords (first
-    occurrence, values parsed to bool/int/float/str), its header cards as text, where its data
-    start and how many bytes they hold (padding excluded)."""
+    occurrence, values parsed to bool/int/float/str, a long string's CONTINUE pieces joined), its
+    header cards as text, where its data start and how many bytes they hold (padding excluded)."""
 
     __slots__ = ("index", "name", "header", "data_offset", "data_bytes", "header_text")
 
@@ -95,11 +95,19 @@ def scan_headers(path: Path) -> list[RawHdu]:
 
 def scan_buffer(buf: bytes, path: Path) -> list[RawHdu]:
     """:func:`scan_headers` of a whole FITS file held in memory (e.g. decompressed by
-    :func:`read_file_bytes`); data offsets index ``buf``."""
-    return _scan(lambda pos: buf[pos: pos + BLOCK], len(buf), Path(path))
+    :func:`read_file_bytes`); data offsets index ``buf``. The scan of the bytes
+    :func:`read_file_bytes` keeps is kept with them: the probe and the reader scan them in turn."""
+    entry = _last[0]
+    if entry is not None and entry[1] is buf and entry[2] is not None:
+        return list(entry[2])
+    hdus = _scan(lambda pos: buf[pos: pos + BLOCK], len(buf), Path(path))
+    if entry is not None and entry[1] is buf:
+        _last[0] = (entry[0], buf, tuple(hdus))
+    return hdus
 
 
-_last_bytes: dict[str, Any] = {}
+#: the last compressed file read: (key, bytes, its scan or None), replaced whole (thread-safe)
+_last: list[tuple[tuple[str, int, int], bytes, tuple[RawHdu, ...] | None] | None] = [None]
 #: the largest decompressed file kept for the next caller (one-spectrum files are ~0.1-1 MB)
 CACHE_MAX_BYTES = 64 << 20
 
@@ -119,8 +127,9 @@ def read_file_bytes(path: Path) -> bytes:
         raise FormatError(f"{path}: is a directory, not a spectrum file")
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if _last_bytes.get("key") == key:
-        return _last_bytes["data"]
+    entry = _last[0]
+    if entry is not None and entry[0] == key:
+        return entry[1]
     raw = path.read_bytes()
     try:
         if raw[:2] == b"\x1f\x8b":
@@ -131,9 +140,7 @@ def read_file_bytes(path: Path) -> bytes:
             return raw
     except (EOFError, OSError, ValueError, zlib.error) as exc:
         raise FormatError(f"{path}: truncated or corrupt compressed file ({exc})") from exc
-    _last_bytes.clear()
-    if len(data) <= CACHE_MAX_BYTES:
-        _last_bytes.update(key=key, data=data)
+    _last[0] = (key, data, None) if len(data) <= CACHE_MAX_BYTES else None
     return data
 
 
@@ -145,6 +152,7 @@ def _scan(block: Callable[[int], bytes], size: int, path: Path) -> list[RawHdu]:
         texts: list[str] = []
         first = True
         done = False
+        cont: str | None = None  # the keyword whose string value a CONTINUE card extends
         while not done:
             data = block(pos)
             if len(data) < BLOCK:
@@ -165,8 +173,16 @@ def _scan(block: Callable[[int], bytes], size: int, path: Path) -> list[RawHdu]:
                 if key == "END":
                     done = True
                     break
+                if key == "CONTINUE" and cont is not None:  # a long string's next piece
+                    more = card_value(card[10:])
+                    if isinstance(more, str):
+                        hdr[cont] = hdr[cont][:-1] + more
+                        cont = cont if more.endswith("&") else None
+                        continue
+                cont = None
                 if card[8:10] == "= " and key not in hdr:
-                    hdr[key] = card_value(card[10:])
+                    hdr[key] = v = card_value(card[10:])
+                    cont = key if isinstance(v, str) and v.endswith("&") else None
         try:
             bitpix = abs(int(hdr["BITPIX"]))
             naxis = int(hdr["NAXIS"])

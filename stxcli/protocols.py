@@ -11,7 +11,7 @@ protocols, never to a concrete survey or model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -36,15 +36,26 @@ class HduInfo:
 
     Given ``header_text`` (the header's cards, as the probe's scan finds them) instead of a
     header, the header is parsed on first use: most readers' ``identify`` never looks at most
-    headers, and a DESI coadd's 19 cost the probe three quarters of its time."""
+    headers, and a DESI coadd's 19 cost the probe three quarters of its time.
 
-    __slots__ = ("index", "name", "kind", "columns", "shape", "_header", "_header_text")
+    ``cards`` is the cheap way to look keywords up (``get``, ``[]``, ``in``): the probe scan's
+    keyword -> value dict where there is one (the values astropy gives), else the astropy header.
+    An ``identify`` that only reads a few keywords should use it: parsing a LAMOST primary header
+    with astropy cost 1.4 ms a file, a sixth of predicting from one-spectrum files."""
+
+    __slots__ = ("index", "name", "kind", "columns", "shape", "_header", "_header_text", "_cards")
 
     def __init__(self, index: int, name: str, kind: str, header: Any = None, columns: tuple[str, ...] = (),
-                 shape: tuple[int, ...] = (), *, header_text: str | None = None) -> None:
+                 shape: tuple[int, ...] = (), *, header_text: str | None = None,
+                 cards: Mapping[str, Any] | None = None) -> None:
         self.index, self.name, self.kind = index, name, kind
         self.columns, self.shape = tuple(columns), tuple(shape)
         self._header, self._header_text = header, header_text
+        self._cards = cards
+
+    @property
+    def cards(self) -> Mapping[str, Any]:
+        return self._cards if self._cards is not None else self.header
 
     @property
     def header(self) -> Any:

@@ -146,7 +146,8 @@ def _hdu_info(index: int, kind: str, hdr: Any, header_text: str | None = None) -
     shape = tuple(int(hdr.get(f"NAXIS{j}", 0)) for j in range(int(hdr.get("NAXIS", 0)), 0, -1))
     name = str(hdr.get("EXTNAME", "PRIMARY" if index == 0 else f"HDU{index}")).upper().strip()
     if header_text is not None:
-        return HduInfo(index=index, name=name, kind=kind, columns=cols, shape=shape, header_text=header_text)
+        return HduInfo(index=index, name=name, kind=kind, columns=cols, shape=shape, header_text=header_text,
+                       cards=hdr)
     return HduInfo(index=index, name=name, kind=kind, header=hdr, columns=cols, shape=shape)
 
 

@@ -98,7 +98,12 @@ def test_scanned_probe_equals_astropy_probe_on_real_files(shared, monkeypatch):
         for a, b in zip(fast, ref):
             assert (a.index, a.name, a.kind, a.columns, a.shape) == (b.index, b.name, b.kind, b.columns, b.shape), f
             assert a._header is None  # not parsed until asked for
+            for key in dict.fromkeys(b.header.keys()):  # the scan's keywords: astropy's values
+                if key not in ("COMMENT", "HISTORY", ""):
+                    assert a.cards[key] == b.header[key], (f, a.name, key)
+            assert a._header is None  # cards did not parse it
             assert list(a.header.items()) == list(b.header.items()), (f, a.name)
+            assert b.cards is b.header  # astropy's probe: cards are its header
             assert a.header is a.header  # parsed once
 
 
@@ -122,3 +127,39 @@ def test_large_gzip_files_are_probed_by_astropy_streaming(shared, tmp_path, monk
     monkeypatch.setattr(R, "GZIP_SCAN_MAX_BYTES", src.stat().st_size - 1)
     assert R._probe_scanned(src) is None  # not decompressed whole into memory
     assert R.probe_file(src).hdu("COADD") is not None
+
+
+def test_identify_reads_keywords_without_astropy_parsing_a_header(shared, registry):
+    """LAMOST and 1-D FITS identify on the probe's scanned keywords (HduInfo.cards): parsing the
+    primary header with astropy cost 1.4 ms a file, a sixth of predicting from LAMOST files."""
+    files = sorted((shared / "lamost-dr10" / "spectra").glob("*.fits.gz"))[:3]
+    files += sorted((shared / "miles" / "spectra").glob("*.fits"))[:3]
+    for f in files:
+        probe = probe_file(f)
+        assert probe.hdus[0]._cards is not None, f
+        picked = [r.name for r in registry.readers() if r.identify(probe)]
+        assert picked and picked[0] in ("lamost", "fits1d"), (f, picked)
+        assert all(h._header is None for h in probe.hdus), f
+
+
+def test_probe_and_reader_share_one_decompression_and_one_scan(shared, monkeypatch):
+    """A .fits.gz is decompressed and its headers scanned once for the probe and the reader that
+    follows it; another file's bytes are never served from that cache."""
+    import stxcli.fitsio as fitsio
+
+    a, b = sorted((shared / "lamost-dr10" / "spectra").glob("*.fits.gz"))[:2]
+    scans: list = []
+    real_scan = fitsio._scan
+    monkeypatch.setattr(fitsio, "_scan", lambda *args: scans.append(args[2]) or real_scan(*args))
+    monkeypatch.setattr(fitsio, "_last", [None])
+    data = fitsio.read_file_bytes(a)
+    first = fitsio.scan_buffer(data, a)
+    assert fitsio.read_file_bytes(a) is data
+    again = fitsio.scan_buffer(fitsio.read_file_bytes(a), a)
+    assert len(scans) == 1
+    assert [(h.name, h.data_offset, h.header) for h in again] == [(h.name, h.data_offset, h.header) for h in first]
+    other = fitsio.read_file_bytes(b)
+    assert other is not data and other != data
+    fitsio.scan_buffer(other, b)
+    assert len(scans) == 2
+    assert fitsio.scan_buffer(bytes(data), a) is not None and len(scans) == 3  # equal bytes, not the kept ones

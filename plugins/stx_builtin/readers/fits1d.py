@@ -100,7 +100,7 @@ class Fits1dReader:
     # ------------------------------------------------------------------------- identify
     def identify(self, probe: FileProbe) -> bool:
         h = _spectrum_hdu_info(probe.hdus)
-        return h is not None and len(h.shape) == 1 and h.shape[0] > 1 and _spectral_header_ok(h.header)
+        return h is not None and len(h.shape) == 1 and h.shape[0] > 1 and _spectral_header_ok(h.cards)
 
     # ----------------------------------------------------------------------------- read
     def read(self, path: Path, *, chunk_size: int = 1024, with_resolution: bool = False) -> Iterator[SpectrumBatch]:

@@ -79,7 +79,7 @@ class LamostReader:
         if not probe.hdus:
             return False
         primary = probe.hdus[0]
-        if not _is_lamost_header(primary.header):
+        if not _is_lamost_header(primary.cards):
             return False
         coadd = probe.hdu("COADD")
         if coadd is not None and coadd.kind == "bintable":
