@@ -1,5 +1,5 @@
 """Predicting from survey files: spectra are read a few hundred at a time and grouped into
-prediction chunks within a file, in order, with every column carried."""
+prediction chunks, across files while their columns agree, in order, with every column carried."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from stxcli.protocols import FeatureBatch
 from stxcli.spectra import SpectrumMeta
 
 
-def _fake_featurize_files(calls):
-    """featurize_files' stream for a.fits (7 spectra) and b.fits (3), ``chunk_size`` per batch."""
+def _fake_featurize_files(calls, b_extra=None):
+    """featurize_files' stream for a.fits (7 spectra) and b.fits (3), ``chunk_size`` per batch;
+    ``b_extra``: one more extra column b.fits' batches carry (another reader's)."""
     def featurize_files(paths, feat, *, format=None, chunk_size=1024, rv_lookup=None, threads=1, readers=None):
         for path in paths:
             calls.append((Path(path).name, chunk_size))
@@ -24,13 +25,15 @@ def _fake_featurize_files(calls):
                 n = min(chunk_size, total - s)
                 m = SpectrumMeta.empty(n, "desi", str(path), s)
                 m.extra["targetid"] = np.arange(s, s + n, dtype=np.int64) + (1000 if total == 7 else 2000)
+                if b_extra and total == 3:
+                    m.extra[b_extra] = np.full(n, 7, np.int64)
                 x = np.arange(s, s + n, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
                 q = {"snr": np.full(n, 10.0 + s, np.float32), "flags": np.full(n, s, np.int32)}
                 yield FeatureBatch(x, x + 1, q, m)
     return featurize_files
 
 
-def test_file_chunks_read_small_batches_and_group_them_per_file(monkeypatch):
+def test_file_chunks_read_small_batches_and_group_them(monkeypatch):
     calls: list = []
     monkeypatch.setattr(pipeline, "featurize_files", _fake_featurize_files(calls))
     monkeypatch.setattr(P, "READ_ROWS", 2)
@@ -47,6 +50,27 @@ def test_file_chunks_read_small_batches_and_group_them_per_file(monkeypatch):
     np.testing.assert_array_equal(chunks[1].flags, [4, 4, 6])
     assert list(chunks[2].columns["source_file"]) == ["b.fits"] * 3
     assert list(chunks[0].columns["id"]) == [f"a.fits:{i}" for i in range(4)]
+
+
+def test_file_chunks_span_files_while_their_columns_agree(monkeypatch):
+    """One-spectrum files (LAMOST) would otherwise cost a model call each: a chunk fills across
+    files, every row keeping its own file and row; a file whose reader gives other columns starts
+    a new chunk, so no column is dropped or filled."""
+    monkeypatch.setattr(P, "READ_ROWS", 2)
+    monkeypatch.setattr(pipeline, "featurize_files", _fake_featurize_files([]))
+    chunks = list(P.file_chunks([Path("a.fits"), Path("b.fits")], feat=None, fmt=None, chunk_rows=5))
+    # a: 2+2+2 -> 6 (>= 5); then a's last 1 and b's 2+1 -> 4, across the two files
+    assert [len(c.snr) for c in chunks] == [6, 4]
+    assert list(chunks[1].columns["source_file"]) == ["a.fits"] + ["b.fits"] * 3
+    np.testing.assert_array_equal(chunks[1].columns["source_row"], [6, 0, 1, 2])
+    np.testing.assert_array_equal(chunks[1].columns["targetid"], [1006, 2000, 2001, 2002])
+    np.testing.assert_array_equal(chunks[1].features[:, 0], [6, 0, 1, 2])
+
+    monkeypatch.setattr(pipeline, "featurize_files", _fake_featurize_files([], b_extra="obsid"))
+    chunks = list(P.file_chunks([Path("a.fits"), Path("b.fits")], feat=None, fmt=None, chunk_rows=5))
+    assert [len(c.snr) for c in chunks] == [6, 1, 3]
+    assert "obsid" not in chunks[1].columns
+    np.testing.assert_array_equal(chunks[2].columns["obsid"], [7, 7, 7])
 
 
 def test_the_model_runs_on_one_thread_while_a_pool_featurizes(monkeypatch, tmp_path):
