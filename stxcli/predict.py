@@ -417,13 +417,18 @@ def header_cards(model: Any) -> dict[str, tuple[Any, str]]:
 
 def classify_inputs(inputs: Sequence[str], readers: dict[Path, Any] | None = None
                     ) -> tuple[list[Path], list[Path], Path | None]:
-    """(stores, survey files, catalog) from the command's INPUT arguments; the reader of each
-    FITS file identified on the way goes into ``readers`` when given (not identified twice)."""
+    """(stores, survey files, catalog) from the command's INPUT arguments. A lone FITS input is
+    identified here (a spectrum file or an input catalog?), its reader put in ``readers`` when
+    given (not identified twice); with several inputs none can be a catalog, and FITS files are
+    identified as they are read, each just before its reader opens it: probing 10^5 LAMOST files
+    up front took minutes before the progress bar started, and decompressed every file twice
+    (the probe's bytes are kept for the reader that follows it, not for 10^5 files later)."""
     from .pipeline import expand_inputs
     from .registry import get_registry, identify
 
     stores, files, catalogs = [], [], []
     rest: list[str] = []
+    lone = len(inputs) == 1
     for raw in inputs:
         p = Path(raw)
         if not p.exists():
@@ -433,7 +438,7 @@ def classify_inputs(inputs: Sequence[str], readers: dict[Path, Any] | None = Non
             stores.append(p)
         elif p.is_file() and name.endswith(CATALOG_SUFFIXES):
             catalogs.append(p)
-        elif p.is_file() and name.endswith((".fits", ".fit", ".fits.gz")):
+        elif p.is_file() and name.endswith((".fits", ".fit", ".fits.gz")) and lone:
             try:
                 reader = identify(p, get_registry())
                 rest.append(raw)

@@ -229,12 +229,16 @@ def test_real_files_store_and_catalog_agree(dr10, capsys, monkeypatch):
     import stxcli.pipeline as pipeline
     import stxcli.registry as registry
 
-    probed = []
-    real_probe = registry.probe_file
+    import gzip
+
+    probed, unzipped = [], []
+    real_probe, real_unzip = registry.probe_file, gzip.decompress
     monkeypatch.setattr(registry, "probe_file", lambda p: probed.append(p) or real_probe(p))
+    monkeypatch.setattr(gzip, "decompress", lambda b: unzipped.append(1) or real_unzip(b))
     code, out, err = run_cli(["predict", d / "m", *files, "-o", d / "t1.fits", "--threads", 1, "--quiet"], capsys)
     assert code == 0, err
-    assert len(probed) == len(files)  # each file identified once (classify_inputs hands its readers on)
+    assert len(probed) == len(files)  # each file identified once, just before its reader reads it:
+    assert len(unzipped) == sum(f.endswith(".gz") for f in files) > 0  # so decompressed once
     assert pipeline.identify is registry.identify
     code, out, err = run_cli(["predict", d / "m", *files, "-o", d / "t3.fits", "--threads", 3, "--quiet"], capsys)
     assert code == 0, err
