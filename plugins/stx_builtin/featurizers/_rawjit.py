@@ -19,8 +19,9 @@ install (about 10 s, on the first batch that uses them), then loaded from numba'
 0.7 s per process); in every process where numba has nowhere to write one (:data:`UNCACHED`).
 
 Integer codes: grid kind 0 = linear, 1 = log10-linear; degradation mode 0 = none,
-1 = every pixel of the batch good, 2 = few bad pixels (re-normalise only next to them),
-3 = many (re-normalise everywhere), as :func:`._rawlib.renormalisation` chooses per batch.
+1 = every pixel of the spectrum good, 2 = few bad pixels (re-normalise only next to them),
+3 = many (re-normalise everywhere), as :func:`._rawlib.renormalisation` chooses per spectrum
+(the caller passes 0 or 1: no resolution matching, or matching with the mode each row picks).
 """
 
 from __future__ import annotations
@@ -52,8 +53,6 @@ def _kernel(fn):  # type: ignore[no-untyped-def]
         return njit(**_JIT)(fn)
 
 DEG_NONE, DEG_ALLGOOD, DEG_SPARSE, DEG_DENSE = 0, 1, 2, 3
-#: :func:`._rawlib.renormalisation`'s choice for a batch, as a degradation mode
-DEG_MODES = {"none": DEG_ALLGOOD, "sparse": DEG_SPARSE, "dense": DEG_DENSE}
 
 
 @_kernel
@@ -77,20 +76,21 @@ def scale_sums(flux, ivar, good, rows, asum, gsum, ivmin):  # type: ignore[no-un
 
 
 @_kernel
-def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, k_ptr, k_idx, k_val, k2_val, band, h,
+def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, bad_frac, k_ptr, k_idx, k_val, k2_val, band, h,
                  width, width2, allgood, o_ptr, o_idx, o_val, o2_val, o_c0, o_w, j0, thr,
-                 a_out, b_out, v_out, has_good, s_fi, s_i):  # type: ignore[no-untyped-def]
+                 a_out, b_out, v_out, has_good, clean, s_fi, s_i):  # type: ignore[no-untyped-def]
     """One arm of the spectra ``rows`` (n_all, npix) -> the rebinning inputs and the observed frame.
 
     Per spectrum: flux scaled by ``inv_scale`` and variance ``inv_scale^2 / ivar`` (0 where not
     ``good``); the normalised convolution with the CSR kernel ``K`` (and ``K^2`` for the
-    variance) as ``deg_mode`` says; then ``a = flux*width``, ``b = good*width``, ``v = var*width^2``
+    variance) as ``deg_mode`` says (0: none; else each spectrum's own mode, dense above
+    ``bad_frac`` bad pixels, as :func:`._rawlib.renormalisation`); then ``a = flux*width``, ``b = good*width``, ``v = var*width^2``
     written to ``a_out``/``b_out``/``v_out`` (len(rows), npix; ``b_out`` only when not
     ``allgood``: it is the pixel widths then), and rebinned by the zero-velocity overlap matrix
     ``O`` (CSR, output bins ``j0..``) into the spectrum-major inverse-variance sums
     ``s_fi``/``s_i`` (len(rows), m) where the bin's good coverage reaches ``thr``. ``allgood``:
     every pixel of the batch is good (the bin coverage is then ``O @ width``, which ``b = width``
-    gives as well). ``has_good``: the spectrum kept a good pixel.
+    gives as well). ``has_good``: the spectrum kept a good pixel; ``clean``: it kept all.
 
     Everything runs along one spectrum's pixels, where the loops vectorise and no transpose of
     the batch is needed:
@@ -135,6 +135,8 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, k_ptr, k_idx, k_va
             nbad += not gq
             ninf += (abs(fq) == np.inf) | (abs(vq) == np.inf) | (fq != fq) | (vq != vq)
         mode = deg_mode
+        if mode != DEG_NONE:  # the spectrum's own re-normalisation: no other spectrum changes its bits
+            mode = DEG_ALLGOOD if nbad == 0 else (DEG_DENSE if nbad > bad_frac * npix else DEG_SPARSE)
         if mode == DEG_NONE:
             for p in range(npix):
                 num[p] = fpad[pad + p]
@@ -241,6 +243,7 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, k_ptr, k_idx, k_va
                             ng -= was and not ok
                     nxt = max(nxt, p1)
         has_good[i] = ng > 0
+        clean[i] = ng == npix
         # the observed frame: O's rows as fixed-width runs (no branch on each row's length) where
         # there are and the spectrum is finite (0 * inf would be NaN), else its stored entries
         nfin = 0
@@ -286,18 +289,20 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, k_ptr, k_idx, k_va
 
 
 @_kernel
-def rest_arm(a, b, v, allgood, kind, x0, step, cw, width, edges, log_edges, j0, j1, minc_w, zfac,
+def rest_arm(a, b, v, allgood, clean, kind, x0, step, cw, width, edges, log_edges, j0, j1, minc_w, zfac,
              lzfac, s_fi, s_i):  # type: ignore[no-untyped-def]
     """One arm's exact flux-conserving rebinning onto the output bins ``j0..j1`` at each
     spectrum's ``zfac``, added to the spectrum-major inverse-variance sums ``s_fi``/``s_i``
     (n, m): :func:`._rawlib.edge_positions`, :func:`._rawlib.resample_sums` (bin coverage from
-    the pixel positions when ``allgood``, :func:`._rawlib.covered_width`) and the arm
+    the pixel positions when ``allgood``, or for the spectra that are ``clean``, all pixels good:
+    :func:`._rawlib.covered_width`) and the arm
     accumulation of the numpy path, for one spectrum at a time."""
     n, npix = a.shape
     fnp = float(npix)
     for i in range(n):
         z = zfac[i]
         lz = lzfac[i]
+        ag = allgood or clean[i]
         zf = np.float32(z)
         if kind == 0:
             pa = (edges[j0] * z - x0) / step + 0.5
@@ -318,17 +323,17 @@ def rest_arm(a, b, v, allgood, kind, x0, step, cw, width, edges, log_edges, j0, 
             c = min(k, npix - 1)
             sn = a[i, c] * o
             sv = v[i, c] * (o * o)
-            sd = _F0 if allgood else b[i, c] * o
+            sd = _F0 if ag else b[i, c] * o
             s = 1
             while np.float32(s) < d:
                 o = min(d - np.float32(s), _F1)
                 c = min(k + s, npix - 1)
                 sn += a[i, c] * o
                 sv += v[i, c] * (o * o)
-                if not allgood:
+                if not ag:
                     sd += b[i, c] * o
                 s += 1
-            if allgood:
+            if ag:
                 if kind == 0:
                     sd = np.float32((pb - pa) * step)
                 else:

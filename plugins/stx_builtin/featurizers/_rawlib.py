@@ -305,17 +305,18 @@ def _normalised(num: np.ndarray, den: np.ndarray, vnum: np.ndarray, good: np.nda
 
 
 #: Above this fraction of bad pixels the normalisation of :func:`apply_degrader` is dense.
-_SPARSE_BAD_FRAC = 0.05
+SPARSE_BAD_FRAC = 0.05
 
 
 def renormalisation(n_good: int, size: int) -> str:
-    """How :func:`apply_degrader` re-normalises a batch with ``n_good`` of its ``size`` pixels
-    good: ``"none"`` (every pixel good), ``"sparse"`` (next to the few bad pixels only) or
-    ``"dense"`` (everywhere: more than :data:`_SPARSE_BAD_FRAC` bad). The compiled kernels take
-    the same choice, which fixes the rounding of the result."""
+    """How :func:`apply_degrader` re-normalises a spectrum with ``n_good`` of its ``size``
+    pixels good: ``"none"`` (every pixel good), ``"sparse"`` (next to the few bad pixels only) or
+    ``"dense"`` (everywhere: more than :data:`SPARSE_BAD_FRAC` bad). The choice fixes the
+    rounding of the result; it is made per spectrum (the compiled kernels make the same), so a
+    spectrum's features do not depend on the other spectra of its batch."""
     if n_good == size:
         return "none"
-    return "dense" if size - n_good > _SPARSE_BAD_FRAC * size else "sparse"
+    return "dense" if size - n_good > SPARSE_BAD_FRAC * size else "sparse"
 
 
 def apply_degrader(deg: Degrader, flux: np.ndarray, good: np.ndarray, var: np.ndarray, *,
@@ -327,33 +328,39 @@ def apply_degrader(deg: Degrader, flux: np.ndarray, good: np.ndarray, var: np.nd
     of the good pixels; a pixel stays good when it was good and at least half of its kernel weight
     sits on good pixels. ``zeroed=True`` says ``flux`` and ``var`` are already 0 where not good.
 
-    The rows of K sum to 1, so ``K(g) = 1 - K(1 - g)`` differs from 1 only near bad pixels: with
-    few of them, ``K(1 - g)`` is a sparse product and only the entries it touches are
-    re-normalised (and zeroed where not good), instead of a third dense product and four dense
-    passes."""
+    The rows of K sum to 1, so ``K(g) = 1 - K(1 - g)`` differs from 1 only near bad pixels: for a
+    spectrum with few of them (:func:`renormalisation`, per spectrum), ``K(1 - g)`` is a sparse
+    product and only the entries it touches are re-normalised (and zeroed where not good); a
+    spectrum with many is re-normalised everywhere, by a dense ``K(g)``."""
     import scipy.sparse as sp
 
-    how = renormalisation(int(np.count_nonzero(good)), good.size)
-    if how != "none" and not zeroed:
+    npix = good.shape[0]
+    ngood = np.count_nonzero(good, axis=0)
+    if not zeroed and (ngood < npix).any():
         flux = np.where(good, flux, np.float32(0.0))
         var = np.where(good, var, np.float32(0.0))
     num = deg.k @ flux
     vnum = deg.k2 @ var
-    if how == "none":
-        return num, good.copy(), vnum
-    if how == "dense":
-        return _normalised(num, deg.k @ good.astype(np.float32), vnum, good)
-    r, c = np.divmod(np.flatnonzero(~good), good.shape[1])  # (np.nonzero is ~10x slower on 2-D)
-    bad = sp.csr_matrix((np.ones(r.size, np.float32), (r, c)), shape=good.shape)
-    kb = (deg.k @ bad).tocoo()
-    rr, cc = kb.row, kb.col
-    den = np.float32(1.0) - kb.data.astype(np.float32)
-    okk = good[rr, cc] & (den >= 0.5)
-    safe = np.where(okk, den, np.float32(1.0))
-    num[rr, cc] = np.where(okk, num[rr, cc] / safe, np.float32(0.0))
-    vnum[rr, cc] = np.where(okk, vnum[rr, cc] / (safe * safe), np.float32(0.0))
     ok = good.copy()
-    ok[rr, cc] = okk
+    nbad = npix - ngood
+    dense = np.flatnonzero(nbad > SPARSE_BAD_FRAC * npix)
+    if dense.size:
+        f_d, ok_d, v_d = _normalised(num[:, dense], deg.k @ good[:, dense].astype(np.float32), vnum[:, dense],
+                                     good[:, dense])
+        num[:, dense], ok[:, dense], vnum[:, dense] = f_d, ok_d, v_d
+    sparse = np.flatnonzero((nbad > 0) & (nbad <= SPARSE_BAD_FRAC * npix))
+    if sparse.size:
+        gs = good[:, sparse]
+        r, c = np.divmod(np.flatnonzero(~gs), sparse.size)  # (np.nonzero is ~10x slower on 2-D)
+        bad = sp.csr_matrix((np.ones(r.size, np.float32), (r, c)), shape=gs.shape)
+        kb = (deg.k @ bad).tocoo()
+        rr, cc = kb.row, sparse[kb.col]
+        den = np.float32(1.0) - kb.data.astype(np.float32)
+        okk = good[rr, cc] & (den >= 0.5)
+        safe = np.where(okk, den, np.float32(1.0))
+        num[rr, cc] = np.where(okk, num[rr, cc] / safe, np.float32(0.0))
+        vnum[rr, cc] = np.where(okk, vnum[rr, cc] / (safe * safe), np.float32(0.0))
+        ok[rr, cc] = okk
     return num, ok, vnum
 
 

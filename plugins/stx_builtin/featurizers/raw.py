@@ -149,6 +149,11 @@ class _Piece:
     b: np.ndarray | None  # good * width; None: every pixel is good (b = width)
     v: np.ndarray  # var * good * width^2
     has_good: np.ndarray  # (k,) any good pixel
+    #: with ``b``: the columns whose every pixel is good. Their rebinning denominator is the covered
+    #: width, as for a piece without ``b``, so that a spectrum's features do not depend on whether
+    #: its batch holds spectra with bad pixels (to the bit: one-spectrum files are featurized
+    #: together, ``stxcli.coalesce``)
+    clean: np.ndarray | None = None
 
 
 def _make_piece(grid: L.InputGrid, cols: np.ndarray | None, f: np.ndarray, g: np.ndarray,
@@ -163,7 +168,8 @@ def _make_piece(grid: L.InputGrid, cols: np.ndarray | None, f: np.ndarray, g: np
     allgood = bool(g.all())
     b = None if allgood else np.multiply(g, w, dtype=np.float32)
     has_good = np.full(g.shape[1], g.shape[0] > 0) if allgood else g.any(axis=0)
-    return _Piece(grid, cols, a, b, v, has_good)
+    clean = None if allgood else np.flatnonzero(g.all(axis=0))
+    return _Piece(grid, cols, a, b, v, has_good, clean)
 
 
 def _pixel_major(a: Any, rows: np.ndarray | None, dtype: Any) -> np.ndarray:
@@ -442,7 +448,7 @@ class RawFeaturizer:
         s_fi = np.zeros((nl, m), np.float32)  # spectrum-major sums, transposed once below
         s_i = np.zeros((nl, m), np.float32)
         hd = np.zeros(nl, bool)
-        pieces: list[tuple[L.InputGrid, np.ndarray, np.ndarray, np.ndarray, bool]] = []
+        pieces: list[tuple[L.InputGrid, np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]] = []
         used_nominal = 0
         none_i = np.zeros(1, np.int32)
         none_f = np.zeros(1, np.float32)
@@ -456,7 +462,7 @@ class RawFeaturizer:
                 deg, nominal = self._nominal_degrader(arm, grid)
                 used_nominal += nominal
                 if deg is not None:
-                    mode = J.DEG_MODES[L.renormalisation(ngood, total)]
+                    mode = J.DEG_ALLGOOD  # each spectrum picks its re-normalisation (L.renormalisation)
             k_arr = ((deg.k.indptr, deg.k.indices, deg.k.data, deg.k.data * deg.k.data, *deg.band) if deg is not None
                      else (none_i, none_i, none_f, none_f, np.zeros((0, npix), np.float32), 0))
             j0, j1 = self._bin_range(grid, 1.0, 1.0)
@@ -474,10 +480,11 @@ class RawFeaturizer:
             a, v = (np.empty((nl, npix), np.float32) for _ in range(2))
             b = np.empty((0 if allgood else nl, npix), np.float32)  # the widths where all is good
             hg = np.empty(nl, bool)
-            J.observed_arm(flux, ivar, good, rows, inv_scale, mode, *k_arr,
-                           w, w * w, allgood, *o_arr, j0, thr, a, b, v, hg, s_fi, s_i)
+            clean = np.empty(nl, bool)
+            J.observed_arm(flux, ivar, good, rows, inv_scale, mode, L.SPARSE_BAD_FRAC, *k_arr,
+                           w, w * w, allgood, *o_arr, j0, thr, a, b, v, hg, clean, s_fi, s_i)
             hd |= hg
-            pieces.append((grid, a, b, v, allgood))
+            pieces.append((grid, a, b, v, allgood, clean))
             del a, b, v
         del data
         if used_nominal:
@@ -499,10 +506,10 @@ class RawFeaturizer:
             ivar_r = np.zeros((nl, m), np.float32)
             minc_w = (self.min_coverage * np.diff(self._edges)).astype(np.float32)
             while pieces:  # each arm's arrays freed as soon as it is rebinned
-                grid, a, b, v, allgood = pieces.pop(0)
+                grid, a, b, v, allgood, clean = pieces.pop(0)
                 j0, j1 = self._bin_range(grid, float(zfac.min()), float(zfac.max()))
                 if j1 > j0:
-                    J.rest_arm(a, b, v, allgood, 0 if grid.kind == "linear" else 1, grid.x0, grid.step,
+                    J.rest_arm(a, b, v, allgood, clean, 0 if grid.kind == "linear" else 1, grid.x0, grid.step,
                                grid.edges - grid.edges[0], grid.width, self._edges, self._log_edges, j0, j1,
                                minc_w, zfac, np.log10(zfac), flux_r, ivar_r)
                 del a, b, v
@@ -775,6 +782,8 @@ class RawFeaturizer:
                                         lambda: _zero_velocity_mats(pc.grid, edges))
             num, vnum = o @ pc.a, o2 @ pc.v
             den = covered if pc.b is None else o @ pc.b
+            if pc.clean is not None and pc.clean.size:
+                den[:, pc.clean] = covered
             thr = (self.min_coverage * np.diff(edges)).astype(np.float32)[:, None]
             self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, thr)
         return _finish_combination(s_fi, s_i)
@@ -793,6 +802,8 @@ class RawFeaturizer:
             edges = self._edges[j0: j1 + 1]
             p = L.edge_positions(pc.grid, edges, zf)
             num, den, vnum = L.resample_sums(pc.a, pc.b, pc.v, p, pc.grid.npix, pc.grid)
+            if pc.clean is not None and pc.clean.size:
+                den[:, pc.clean] = L.covered_width(pc.grid, p if p.shape[1] == 1 else p[:, pc.clean])
             thr = np.multiply((self.min_coverage * np.diff(edges)).astype(np.float32)[:, None],
                               zf.astype(np.float32)[None, :])  # min_coverage x the bins' observed width
             self._accumulate(s_fi, s_i, pc.cols, j0, j1, num, den, vnum, thr)
