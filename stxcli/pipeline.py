@@ -166,11 +166,24 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
     passes through. With ``threads > 1`` and a ``thread_safe`` featurizer, up to ``threads``
     batches are transformed at once on a thread pool (numpy releases the GIL in the heavy steps)
     while the caller's thread reads the next batch and consumes the results; the output is the
-    same, in the same order. Memory: ``threads + 1`` batches in flight instead of one."""
+    same, in the same order. Memory: ``threads + 1`` batches in flight instead of one.
+
+    For a ``row_independent`` featurizer, runs of batches of fewer than :data:`MIN_POOLED_ROWS`
+    spectra (one-spectrum files) are featurized together, in :class:`~stxcli.coalesce.Window` s
+    of about :data:`~stxcli.coalesce.WINDOW_ROWS` spectra, and cut back into the original
+    batches (:mod:`stxcli.coalesce`); the groups of a window go to the pool like any batch."""
+    from .coalesce import Window, windows
+
+    if getattr(featurizer, "row_independent", False):
+        items = windows(items, MIN_POOLED_ROWS)
     if threads <= 1 or not getattr(featurizer, "thread_safe", False):
         with long_lived_frozen():
             for it in items:
-                yield _transform(featurizer, it) if isinstance(it, SpectrumBatch) else it
+                if isinstance(it, Window):
+                    it.results[:] = [_transform(featurizer, g) for g in it.groups]
+                    yield from it.expand()
+                else:
+                    yield _transform(featurizer, it) if isinstance(it, SpectrumBatch) else it
         return
     from collections import deque
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -180,6 +193,34 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
         prepare()  # shared caches built once, not raced for by the first batches
     pending: deque[Any] = deque()
     pooled: set[Future] = set()  # the futures still on the pool (not those done inline)
+    futures: dict[int, list[Future]] = {}  # a window's, by id(window)
+
+    def start(batch: SpectrumBatch) -> Future:
+        if batch.n >= MIN_POOLED_ROWS:
+            fut = ex.submit(_pooled_transform, featurizer, batch)
+            pooled.add(fut)
+            return fut
+        done: Future = Future()  # a few spectra: handing them over costs more
+        done.set_result(_pooled_transform(featurizer, batch))
+        return done
+
+    def running(x: Any) -> bool:
+        if isinstance(x, Window):
+            return any(f in pooled for f in futures[id(x)])
+        return isinstance(x, Future) and x in pooled
+
+    def hand_over(x: Any) -> Iterator[Any]:
+        if isinstance(x, Window):
+            fs = futures.pop(id(x))
+            pooled.difference_update(fs)
+            x.results[:] = [f.result() for f in fs]
+            yield from x.expand()
+        elif isinstance(x, Future):
+            pooled.discard(x)
+            yield x.result()
+        else:
+            yield x
+
     # OpenBLAS at 1 thread while the pool runs (its setting is process-wide), set here once: the
     # caller's code between results then also sees BLAS at 1 thread, while OpenMP (torch in
     # stx predict) keeps its threads
@@ -187,30 +228,21 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
             ThreadPoolExecutor(threads, thread_name_prefix="stx-featurize") as ex:
         try:
             for it in items:
-                if isinstance(it, SpectrumBatch) and it.n >= MIN_POOLED_ROWS:
-                    fut = ex.submit(_pooled_transform, featurizer, it)
-                    pooled.add(fut)
-                    pending.append(fut)
-                elif isinstance(it, SpectrumBatch):  # a few spectra: handing them over costs more
-                    done: Future = Future()
-                    done.set_result(_pooled_transform(featurizer, it))
-                    pending.append(done)
+                if isinstance(it, Window):
+                    futures[id(it)] = [start(g) for g in it.groups]
+                    pending.append(it)
+                elif isinstance(it, SpectrumBatch):
+                    pending.append(start(it))
                 else:
                     pending.append(it)
                 # hand over, in order: anything at the head that is not still on the pool, and pool
                 # results (waiting for them) while more than ``threads`` run or too much is queued
-                while pending and (len(pooled) > threads or len(pending) > threads + 1
-                                   or not (isinstance(pending[0], Future) and pending[0] in pooled)):
-                    head = pending.popleft()
-                    if isinstance(head, Future):
-                        pooled.discard(head)
-                        head = head.result()
-                    yield head
+                while pending and (len(pooled) > threads or len(pending) > threads + 1 or not running(pending[0])):
+                    yield from hand_over(pending.popleft())
             while pending:
-                head = pending.popleft()
-                yield head.result() if isinstance(head, Future) else head
+                yield from hand_over(pending.popleft())
         finally:  # an error or an abandoned generator: no thread keeps working on freed data
-            for f in pending:
+            for f in [*pending, *(g for fs in futures.values() for g in fs)]:
                 if isinstance(f, Future):
                     f.cancel()
 

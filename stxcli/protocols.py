@@ -153,6 +153,10 @@ class Featurizer(Protocol):
     # ``thread_safe: bool`` (default False): ``transform`` may run in several threads at once on
     #   different batches. ``stx featurize --threads N`` and ``stx predict`` from survey files
     #   then transform N batches in parallel; for any other featurizer they run one at a time.
+    # ``row_independent: bool`` (default False): each spectrum's features depend on that spectrum
+    #   alone, not on the others of its batch. Consecutive one-spectrum files (LAMOST, MILES) are
+    #   then featurized as one batch and cut back (``stxcli.coalesce``): much less fixed cost per
+    #   spectrum; the features must equal those of the spectra one by one to float32 rounding.
     # ``prepare() -> None``: build what does not depend on the input (bases, templates, imports)
     #   once, before worker processes are forked or threads started; must not start threads.
     # ``identity_config(config) -> dict`` (on the factory): the part of a config that determines

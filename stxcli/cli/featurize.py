@@ -128,9 +128,6 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
     done_paths = {d["path"] for d in done}
     todo = [p for p in paths if str(p) not in done_paths]
     n_threads = threads if threads is not None else default_threads(workers)
-    if workers == 1 and threads is None and n_threads > 1 and _many_small_files(todo):
-        console.info(f"{len(todo)} small files: threads overlap the batches of one file; for many "
-                     f"one-spectrum files (LAMOST, MILES) --workers {usable_cores()} (processes) is faster")
     readers: dict[str, int] = {}
     notes: list[str] = []
     ok = False
@@ -195,17 +192,6 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
     summary = _summarize(output, int(len(ids)), len(paths), feat, readers, label_columns, n_match, checksum, notes)
     summary["workers"], summary["threads"] = workers, n_threads
     return summary
-
-
-def _many_small_files(paths: list[Path], n_min: int = 64, mean_bytes: float = 5e6) -> bool:
-    """At least ``n_min`` files averaging under ``mean_bytes`` (a sample of 100 is stat'ed): the
-    inputs where worker processes beat threads (measured on 2 cores: 329 LAMOST DR10 files/s with
-    2 processes, 259-262 in one process with or without a second thread)."""
-    if len(paths) < n_min:
-        return False
-    step = max(1, len(paths) // 100)
-    sizes = [p.stat().st_size for p in paths[::step]]
-    return sum(sizes) / len(sizes) < mean_bytes
 
 
 def _summarize(output: Path, n_spectra: int, n_files: int, feat: Any, readers: dict[str, int],

@@ -204,6 +204,8 @@ class RawFeaturizer:
     #: arrays; the caches are filled under :data:`_BUILD_LOCK`), so ``stx featurize --threads``
     #: runs batches in parallel.
     thread_safe = True
+    #: each spectrum's features depend on it alone: one-spectrum files are featurized together
+    row_independent = True
 
     def __init__(
         self,

@@ -112,6 +112,8 @@ class TransformerFeaturizer:
     name = "transformer"
     version = "1"
     description = "Embeddings of a self-supervised spectral transformer (stx encoder train) over raw features."
+    #: the raw featurizer's property, and the encoder embeds each spectrum alone (eval mode)
+    row_independent = True
 
     def __init__(self, encoder: str | None = None, encoder_sha256: str | None = None, pooling: str = "mean",
                  device: str = "cpu", raw: dict[str, Any] | None = None, batch_size: int | None = None,
