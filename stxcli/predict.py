@@ -623,7 +623,7 @@ def _read_catalog(path: Path) -> Any:
 def _predict_catalog(model: Any, catalog: Path, output: Path, *, format: str | None, chunk_rows: int,
                      device: str, path_column: str | None, row_column: str | None,
                      targetid_column: str | None, prefix: str, threads: int = 1) -> tuple[int, dict[str, int]]:
-    from .pipeline import featurize_file
+    from .pipeline import FileStart, featurize_files
 
     cat = _read_catalog(catalog)
     names = list(cat.colnames)
@@ -682,33 +682,40 @@ def _predict_catalog(model: Any, catalog: Path, output: Path, *, format: str | N
         n_pend = 0
 
     with console.progress("predict", total=len(by_file)) as bar:
-        for q, idx in by_file.items():
-            want = np.asarray(idx)
-            for fb in featurize_file(q, feat, format=format, chunk_size=min(chunk_rows, READ_ROWS), threads=threads):
-                m = fb.meta
-                k = fb.features.shape[0]
-                if rows is not None:
-                    key_file, key_cat = np.asarray(m.source_row, np.int64), rows[want]
-                elif tids is not None:
-                    if "targetid" not in m.extra:
-                        raise StxError(f"{q}: spectra carry no TARGETID to match column {tcol!r}")
-                    key_file, key_cat = np.asarray(m.extra["targetid"], np.int64), tids[want]
-                else:
-                    if k != 1 or fb.meta.source_row[0] != 0:
-                        raise StxError(f"{q}: file holds several spectra; give a row or TARGETID column "
-                                       f"(--row-column / --targetid-column)")
-                    key_file, key_cat = np.zeros(1, np.int64), np.zeros(len(want), np.int64)
-                pos = {int(v): j for j, v in enumerate(key_file)}
-                hit = [(ci, pos[int(kc)]) for ci, kc in zip(want, key_cat) if int(kc) in pos]
-                if not hit:
-                    continue
-                ci = np.array([h[0] for h in hit])
-                fj = np.array([h[1] for h in hit])
-                pend.append((ci, Chunk(fb.features[fj], {}, _col(fb.quality, "snr", k, np.nan, np.float32)[fj],
-                                       _col(fb.quality, "flags", k, 0, np.int32)[fj], fb.ivar[fj])))
-                n_pend += ci.size
-                if n_pend >= chunk_rows:
-                    flush()
+        q, want = None, np.zeros(0, np.int64)
+        # one stream over the files: one-spectrum files are featurized together (stxcli.coalesce)
+        for fb in featurize_files(list(by_file), feat, format=format, chunk_size=min(chunk_rows, READ_ROWS),
+                                  threads=threads):
+            if isinstance(fb, FileStart):
+                if q is not None:
+                    bar.advance(1)
+                q, want = fb.path, np.asarray(by_file[fb.path])
+                continue
+            m = fb.meta
+            k = fb.features.shape[0]
+            if rows is not None:
+                key_file, key_cat = np.asarray(m.source_row, np.int64), rows[want]
+            elif tids is not None:
+                if "targetid" not in m.extra:
+                    raise StxError(f"{q}: spectra carry no TARGETID to match column {tcol!r}")
+                key_file, key_cat = np.asarray(m.extra["targetid"], np.int64), tids[want]
+            else:
+                if k != 1 or fb.meta.source_row[0] != 0:
+                    raise StxError(f"{q}: file holds several spectra; give a row or TARGETID column "
+                                   f"(--row-column / --targetid-column)")
+                key_file, key_cat = np.zeros(1, np.int64), np.zeros(len(want), np.int64)
+            pos = {int(v): j for j, v in enumerate(key_file)}
+            hit = [(ci, pos[int(kc)]) for ci, kc in zip(want, key_cat) if int(kc) in pos]
+            if not hit:
+                continue
+            ci = np.array([h[0] for h in hit])
+            fj = np.array([h[1] for h in hit])
+            pend.append((ci, Chunk(fb.features[fj], {}, _col(fb.quality, "snr", k, np.nan, np.float32)[fj],
+                                   _col(fb.quality, "flags", k, 0, np.int32)[fj], fb.ivar[fj])))
+            n_pend += ci.size
+            if n_pend >= chunk_rows:
+                flush()
+        if q is not None:
             bar.advance(1)
         flush()
     if not done.all():
