@@ -215,10 +215,12 @@ def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: i
                 need_ivar: bool = True) -> Iterator[Chunk]:
     """Featurize survey files on the fly: read ``READ_ROWS`` spectra at a time (memory stays
     that of a few hundred raw spectra per thread whatever the file holds), ``threads`` batches at
-    once (:func:`stxcli.pipeline.transform_stream`), and predict ``chunk_rows`` at a time, across
-    files while their columns agree (:func:`_schema`): one model call per file cost
-    one-spectrum files (LAMOST) a quarter of their time. Chunks carry the features' ivar only
-    when ``need_ivar``."""
+    once (:func:`stxcli.pipeline.transform_stream`), and predict ``chunk_rows`` at a time. Small
+    files share chunks while their columns agree (:func:`_schema`): one model call per file cost
+    one-spectrum files (LAMOST) a quarter of their time; a chunk of at least ``READ_ROWS`` spectra
+    ends with its file, so that large files (DESI coadds) are predicted while the pool featurizes
+    the next (one chunk of 4 coadds left the model's whole work to the end). Chunks carry the
+    features' ivar only when ``need_ivar``."""
     from .pipeline import FileStart, featurize_files
 
     pending: list[Any] = []
@@ -227,6 +229,9 @@ def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: i
     for item in featurize_files(paths, feat, format=fmt, chunk_size=min(chunk_rows, READ_ROWS), threads=threads,
                                 readers=readers):
         if isinstance(item, FileStart):
+            if rows >= READ_ROWS:  # a file's worth: predicted while the pool featurizes the next
+                yield _chunk_of(pending, need_ivar)
+                pending, rows = [], 0
             continue
         s = _schema(item)
         if pending and s != schema:

@@ -66,6 +66,14 @@ def test_file_chunks_span_files_while_their_columns_agree(monkeypatch):
     np.testing.assert_array_equal(chunks[1].columns["targetid"], [1006, 2000, 2001, 2002])
     np.testing.assert_array_equal(chunks[1].features[:, 0], [6, 0, 1, 2])
 
+    # a file of READ_ROWS spectra or more ends its chunk: it is predicted while the next is featurized
+    chunks = list(P.file_chunks([Path("a.fits"), Path("b.fits")], feat=None, fmt=None, chunk_rows=100))
+    assert [len(c.snr) for c in chunks] == [7, 3]
+    monkeypatch.setattr(P, "READ_ROWS", 8)
+    chunks = list(P.file_chunks([Path("a.fits"), Path("b.fits")], feat=None, fmt=None, chunk_rows=100))
+    assert [len(c.snr) for c in chunks] == [10]
+    monkeypatch.setattr(P, "READ_ROWS", 2)
+
     monkeypatch.setattr(pipeline, "featurize_files", _fake_featurize_files([], b_extra="obsid"))
     chunks = list(P.file_chunks([Path("a.fits"), Path("b.fits")], feat=None, fmt=None, chunk_rows=5))
     assert [len(c.snr) for c in chunks] == [6, 1, 3]
