@@ -8,6 +8,7 @@ computing where each HDU's data lie costs a fraction of that.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -112,13 +113,27 @@ _last: list[tuple[tuple[str, int, int], bytes, tuple[RawHdu, ...] | None] | None
 CACHE_MAX_BYTES = 64 << 20
 
 
+@functools.cache
+def _gunzip() -> tuple[Callable[[bytes], bytes], tuple[type[BaseException], ...]]:
+    """gzip decompression (every member) and the errors it raises besides the gzip module's:
+    python-isal's ``igzip.decompress`` where it is installed (the same bytes, 2.3x as fast: a
+    LAMOST DR10 .fits.gz took 0.56 ms, 0.24 with isal, a third of featurizing it), else the gzip
+    module's. Imported on first use, not with the CLI."""
+    try:
+        from isal import igzip, isal_zlib
+    except ImportError:
+        import gzip
+
+        return gzip.decompress, ()
+    return igzip.decompress, (isal_zlib.error,)
+
+
 def read_file_bytes(path: Path) -> bytes:
     """The FITS bytes of ``path``, decompressed when it is gzip or bzip2; a cut-off or corrupt
     stream is a :class:`FormatError`. The last compressed file's bytes are kept (keyed by its
     path, size and modification time): the file probe and then the reader of a ``.fits.gz``
     ask for the same file in turn, and decompress it once."""
     import bz2
-    import gzip
 
     path = Path(path)
     if not path.exists():
@@ -131,14 +146,15 @@ def read_file_bytes(path: Path) -> bytes:
     if entry is not None and entry[0] == key:
         return entry[1]
     raw = path.read_bytes()
+    gunzip, gzip_errors = _gunzip()
     try:
         if raw[:2] == b"\x1f\x8b":
-            data = gzip.decompress(raw)
+            data = gunzip(raw)
         elif raw[:3] == b"BZh":
             data = bz2.decompress(raw)
         else:
             return raw
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
+    except (EOFError, OSError, ValueError, zlib.error, *gzip_errors) as exc:
         raise FormatError(f"{path}: truncated or corrupt compressed file ({exc})") from exc
     _last[0] = (key, data, None) if len(data) <= CACHE_MAX_BYTES else None
     return data

@@ -229,12 +229,12 @@ def test_real_files_store_and_catalog_agree(dr10, capsys, monkeypatch):
     import stxcli.pipeline as pipeline
     import stxcli.registry as registry
 
-    import gzip
+    import stxcli.fitsio as fitsio
 
     probed, unzipped = [], []
-    real_probe, real_unzip = registry.probe_file, gzip.decompress
+    real_probe, (real_unzip, unzip_errors) = registry.probe_file, fitsio._gunzip()
     monkeypatch.setattr(registry, "probe_file", lambda p: probed.append(p) or real_probe(p))
-    monkeypatch.setattr(gzip, "decompress", lambda b: unzipped.append(1) or real_unzip(b))
+    monkeypatch.setattr(fitsio, "_gunzip", lambda: (lambda b: unzipped.append(1) or real_unzip(b), unzip_errors))
     code, out, err = run_cli(["predict", d / "m", *files, "-o", d / "t1.fits", "--threads", 1, "--quiet"], capsys)
     assert code == 0, err
     assert len(probed) == len(files)  # each file identified once, just before its reader reads it:

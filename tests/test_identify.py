@@ -163,3 +163,24 @@ def test_probe_and_reader_share_one_decompression_and_one_scan(shared, monkeypat
     fitsio.scan_buffer(other, b)
     assert len(scans) == 2
     assert fitsio.scan_buffer(bytes(data), a) is not None and len(scans) == 3  # equal bytes, not the kept ones
+
+
+@pytest.mark.parametrize("backend", ["installed", "gzip module"])
+def test_gzip_files_decompress_alike_and_broken_ones_fail_clearly(shared, tmp_path, monkeypatch, backend):
+    """.fits.gz bytes come from python-isal where it is installed, else the gzip module: the same
+    bytes either way, and a cut-off or corrupt stream is one FormatError naming the file."""
+    import gzip
+
+    import stxcli.fitsio as fitsio
+
+    if backend == "gzip module":
+        monkeypatch.setattr(fitsio, "_gunzip", lambda: (gzip.decompress, ()))
+    monkeypatch.setattr(fitsio, "_last", [None])
+    src = sorted((shared / "lamost-dr10" / "spectra").glob("*.fits.gz"))[:3]
+    for f in src:
+        assert fitsio.read_file_bytes(f) == gzip.decompress(f.read_bytes())
+    raw = src[0].read_bytes()
+    for name, data in (("cut.fits.gz", raw[: len(raw) // 2]), ("bad.fits.gz", raw[:100] + b"x" * 300 + raw[400:])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(FormatError, match=f"{name}: truncated or corrupt compressed file"):
+            fitsio.read_file_bytes(tmp_path / name)
