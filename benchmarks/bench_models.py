@@ -24,6 +24,8 @@
    alone (issue 4: stx should be faster). The files are hard links of one coadd tiled from the
    real EDR rows (60 % of them dead fibres, as in the EDR sample file; a second run tiles only the
    rows with data); the model is a raw-feature MLP of the same size (:func:`_common.raw_model`).
+5. Predict from real one-spectrum LAMOST DR10 files against astropy's read of them alone
+   (no target: what the source survey's layout costs).
 The feature stores of 1-3 are synthetic (random features with labels linear in them): speed does
 not depend on the values. Writes benchmarks/results/models.json (``--quick``: models-quick.json).
 """
@@ -344,6 +346,38 @@ def e2e_predict(tmp: Path, model: Path, n_files: int, rows: int, threads: int, r
     }
 
 
+def lamost_predict(tmp: Path, model: Path, n_files: int, threads: int, reps: int) -> dict[str, object]:
+    """``stx predict MODEL FILES`` on real one-spectrum LAMOST DR10 ``.fits.gz`` files (read,
+    identify, raw featurization of files merged into batches, the model, the catalog) against
+    astropy's open and read of their COADD tables alone, alternating, best of ``reps``. No target
+    in issue 4; it shows what one-spectrum files cost (the source survey's layout)."""
+    from bench_featurize import SHARED, read_astropy_lamost
+
+    from stxcli.predict import run_predict
+
+    paths = sorted((SHARED / "lamost-dr10-train" / "spectra").glob("*.fits*"))[:n_files]
+    if len(paths) < n_files:
+        raise RuntimeError(f"{len(paths)} LAMOST DR10 files in {SHARED / 'lamost-dr10-train'}, need {n_files}")
+    run_predict(model, [str(q) for q in paths[:20]], tmp / "lamost.fits", threads=threads)  # first touch
+    t_stx = t_ast = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        p = run_predict(model, [str(q) for q in paths], tmp / "lamost.fits", threads=threads)
+        t_stx = min(t_stx, time.perf_counter() - t0)
+        if p["n_spectra"] != n_files:
+            raise RuntimeError(f"stx predict: {p['n_spectra']} predictions, expected {n_files}")
+        t0 = time.perf_counter()
+        read_astropy_lamost(paths)
+        t_ast = min(t_ast, time.perf_counter() - t0)
+    return {"n_files": n_files, "stx_predict_s": round(t_stx, 3), "stx_files_per_s": round(n_files / t_stx, 1),
+            "astropy_read_s": round(t_ast, 3), "astropy_read_files_per_s": round(n_files / t_ast, 1),
+            "ratio_stx_over_astropy_read": round(t_stx / t_ast, 3),
+            "note": "stx predict of one-spectrum LAMOST DR10 files against astropy's open and read of "
+                    "their COADD tables alone, alternating, best of each kept; before files were merged "
+                    "into batches and each file identified just before it is read (session 15), the "
+                    "same command ran at 113 files/s on this VM"}
+
+
 def stx_vs_bare_epochs(store: Path, hidden: list[int], threads: int, reps: int) -> tuple[float, float, float]:
     """Best epoch time of stx's loop (:func:`stxcli.train.fit_gradient`: cached store rows,
     masked NLL, clipping, validation pass, early-stopping bookkeeping) and of a bare loop on the
@@ -456,6 +490,7 @@ def main() -> None:
     raw = raw_model(tmp / "raw", hidden=tuple(hidden), threads=args.threads)
     e2e = e2e_predict(tmp, raw, e2e_files, e2e_rows, args.threads, args.e2e_reps)
     e2e_live = e2e_predict(tmp, raw, e2e_files, e2e_rows, args.threads, args.e2e_reps, live_only=True)
+    lamost = lamost_predict(tmp, raw, 100 if args.quick else 400, args.threads, 3)
     result = {
         "n": n, "dim": args.dim, "hidden": hidden, "threads": args.threads, "n_train": n_train,
         "store_write_s": round(t_store, 2),
@@ -493,6 +528,7 @@ def main() -> None:
         },
         "predict_files": e2e,
         "predict_files_live_only": e2e_live,
+        "predict_lamost_files": lamost,
         "load_at_end": loadavg(),
     }
     write("models", result)

@@ -193,6 +193,12 @@ def rows_models(d: dict[str, Any]) -> list[Row]:
                            if "ratio_numpy_kernels_over_specutils_read" in r else ""),
                         f"{r['ratio_stx_over_specutils_read']:.2f}x the time", "< 1x",
                         r["ratio_stx_over_specutils_read"] < r.get("target_max_ratio", 1.0)))
+    r = d.get("predict_lamost_files")
+    if r:
+        rows.append(Row(f"predict from {r['n_files']} one-spectrum LAMOST DR10 files, end to end",
+                        f"{r['stx_predict_s']:.2f} s ({r['stx_files_per_s']:.0f} files/s)",
+                        f"astropy read alone {r['astropy_read_s']:.2f} s",
+                        f"{r['ratio_stx_over_astropy_read']:.2f}x the time", "", None))
     return rows
 
 
