@@ -9,6 +9,8 @@ computing where each HDU's data lie costs a fraction of that.
 from __future__ import annotations
 
 import functools
+import os
+import stat
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -108,7 +110,7 @@ def scan_buffer(buf: bytes, path: Path) -> list[RawHdu]:
 
 
 #: the last compressed file read: (key, bytes, its scan or None), replaced whole (thread-safe)
-_last: list[tuple[tuple[str, int, int], bytes, tuple[RawHdu, ...] | None] | None] = [None]
+_last: list[tuple[tuple[int, int, int, int], bytes, tuple[RawHdu, ...] | None] | None] = [None]
 #: the largest decompressed file kept for the next caller (one-spectrum files are ~0.1-1 MB)
 CACHE_MAX_BYTES = 64 << 20
 
@@ -131,17 +133,18 @@ def _gunzip() -> tuple[Callable[[bytes], bytes], tuple[type[BaseException], ...]
 def read_file_bytes(path: Path) -> bytes:
     """The FITS bytes of ``path``, decompressed when it is gzip or bzip2; a cut-off or corrupt
     stream is a :class:`FormatError`. The last compressed file's bytes are kept (keyed by its
-    path, size and modification time): the file probe and then the reader of a ``.fits.gz``
+    device, inode, size and modification time): the file probe and then the reader of a ``.fits.gz``
     ask for the same file in turn, and decompress it once."""
     import bz2
 
     path = Path(path)
-    if not path.exists():
-        raise FormatError(f"{path}: no such file")
-    if path.is_dir():
+    try:
+        st = os.stat(path)  # one call: resolve(), exists() and is_dir() cost ~10 syscalls a file
+    except FileNotFoundError:
+        raise FormatError(f"{path}: no such file") from None
+    if stat.S_ISDIR(st.st_mode):
         raise FormatError(f"{path}: is a directory, not a spectrum file")
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     entry = _last[0]
     if entry is not None and entry[0] == key:
         return entry[1]

@@ -184,3 +184,7 @@ def test_gzip_files_decompress_alike_and_broken_ones_fail_clearly(shared, tmp_pa
         (tmp_path / name).write_bytes(data)
         with pytest.raises(FormatError, match=f"{name}: truncated or corrupt compressed file"):
             fitsio.read_file_bytes(tmp_path / name)
+    with pytest.raises(FormatError, match="is a directory"):
+        fitsio.read_file_bytes(tmp_path)
+    with pytest.raises(FormatError, match="nothere.fits.gz: no such file"):
+        fitsio.read_file_bytes(tmp_path / "nothere.fits.gz")
