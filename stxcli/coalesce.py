@@ -19,7 +19,7 @@ size).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -70,20 +70,29 @@ def merge(batches: list[SpectrumBatch]) -> SpectrumBatch:
                         ivar=_cat([a.ivar for a in arms_k]), mask=_cat([a.mask for a in arms_k]),
                         resolving_power=a0.resolving_power))
     ms = [b.meta for b in batches]
-    meta = SpectrumMeta(
-        ids=_cat([m.ids for m in ms]), survey=ms[0].survey, source_file=_cat([m.source_file for m in ms]),
-        source_row=_cat([m.source_row for m in ms]), ra=_cat([m.ra for m in ms]), dec=_cat([m.dec for m in ms]),
-        rv_kms=_cat([np.asarray(m.rv_kms) for m in ms]),
-        snr={k: _cat([np.asarray(m.snr[k]) for m in ms]) for k in ms[0].snr},
-        extra={k: _cat([np.asarray(m.extra[k]) for m in ms]) for k in ms[0].extra})
-    return SpectrumBatch(arms=arms, meta=meta)
+    meta: dict[str, Any] = {}
+    for f in fields(SpectrumMeta):  # every field, so that one added later is not dropped
+        first = getattr(ms[0], f.name)
+        if isinstance(first, str):  # the survey: one per layout
+            meta[f.name] = first
+        elif isinstance(first, dict):  # snr bands, extra columns: the same keys per layout
+            meta[f.name] = {k: _cat([np.asarray(getattr(m, f.name)[k]) for m in ms]) for k in first}
+        else:
+            meta[f.name] = _cat([np.asarray(getattr(m, f.name)) for m in ms])
+    return SpectrumBatch(arms=arms, meta=SpectrumMeta(**meta))
 
 
 def _meta_rows(m: SpectrumMeta, sl: slice) -> SpectrumMeta:
-    return SpectrumMeta(ids=m.ids[sl], survey=m.survey, source_file=m.source_file[sl], source_row=m.source_row[sl],
-                        ra=m.ra[sl], dec=m.dec[sl], rv_kms=np.asarray(m.rv_kms)[sl],
-                        snr={k: np.asarray(v)[sl] for k, v in m.snr.items()},
-                        extra={k: np.asarray(v)[sl] for k, v in m.extra.items()})
+    out: dict[str, Any] = {}
+    for f in fields(SpectrumMeta):
+        v = getattr(m, f.name)
+        if isinstance(v, str):
+            out[f.name] = v
+        elif isinstance(v, dict):
+            out[f.name] = {k: np.asarray(x)[sl] for k, x in v.items()}
+        else:
+            out[f.name] = np.asarray(v)[sl]
+    return SpectrumMeta(**out)
 
 
 def split(fb: FeatureBatch, sizes: list[int]) -> list[FeatureBatch]:

@@ -83,8 +83,22 @@ def test_a_window_groups_by_layout_and_gives_the_stream_back_in_order():
 
 
 def test_split_cuts_every_per_spectrum_array():
-    fb = Echo(True).transform(merge([_batch(2, 10, 4000.0, 1), _batch(3, 10, 4000.0, 2)]))
+    from dataclasses import fields
+
+    parts = [_batch(2, 10, 4000.0, 1), _batch(3, 10, 4000.0, 2)]
+    for k, p in enumerate(parts):
+        p.meta.rv_kms = np.arange(p.n, dtype=np.float64) + 10 * k
+        p.meta.ra = np.full(p.n, 100.0 + k)
+    fb = Echo(True).transform(merge(parts))
     a, b = split(fb, [2, 3])
+    for piece, orig in ((a, parts[0]), (b, parts[1])):  # every metadata field comes back, row for row
+        for f in fields(SpectrumMeta):
+            x, y = getattr(piece.meta, f.name), getattr(orig.meta, f.name)
+            if isinstance(y, dict):
+                assert x.keys() == y.keys() and all(np.array_equal(x[q], y[q]) for q in y), f.name
+            else:
+                x, y = np.asarray(x), np.asarray(y)
+                assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), f.name
     assert a.features.shape == (2, 5) and b.features.shape == (3, 5)
     assert list(b.meta.source_file) == ["f2.fits"] * 3 and list(b.meta.extra["obsid"]) == [2, 2, 2]
     np.testing.assert_array_equal(b.quality["snr"], [2, 3, 4])
