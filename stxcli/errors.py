@@ -7,6 +7,8 @@ its ``exit_code``; ``STX_DEBUG=1`` shows the traceback instead.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class StxError(Exception):
     """A data or runtime error: bad input, missing file, inconsistent model... (exit 1)."""
@@ -22,6 +24,14 @@ class UsageError(StxError):
 
 class FormatError(StxError):
     """A file could not be identified, or is not what its format promises."""
+
+
+class UnknownFormat(FormatError):
+    """No installed reader recognises the file at ``path``."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class PluginError(StxError):

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import __version__, console
 from . import flags as F
-from .errors import FormatError, ModelFileError, StxError, UsageError
+from .errors import FormatError, ModelFileError, StxError, UnknownFormat, UsageError
 from .io import atomic_file
 
 STORE_SUFFIXES = (".h5", ".hdf5")
@@ -574,14 +574,20 @@ def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any
         try:
             with console.progress("predict", total=None) as bar, closing(chunks()) as stream, \
                     long_lived_frozen():
-                for ch in stream:
-                    if ch.features.shape[1] != model.input_dim:
-                        raise ModelFileError(f"features have {ch.features.shape[1]} columns, model expects "
-                                             f"{model.input_dim}")
-                    pred = predict_chunk(model, ch, device)
-                    _count_flags(counts, pred["flags"])
-                    spool.append({**ch.columns, **pred})
-                    bar.advance(len(ch.snr))
+                try:
+                    for ch in stream:
+                        if ch.features.shape[1] != model.input_dim:
+                            raise ModelFileError(f"features have {ch.features.shape[1]} columns, model expects "
+                                                 f"{model.input_dim}")
+                        pred = predict_chunk(model, ch, device)
+                        _count_flags(counts, pred["flags"])
+                        spool.append({**ch.columns, **pred})
+                        bar.advance(len(ch.snr))
+                except UnknownFormat as exc:  # files are identified as they are read (classify_inputs)
+                    if _is_catalog(exc.path):
+                        raise UsageError(f"{exc.path}: an input catalog must be the only INPUT (its rows define "
+                                         f"the output rows)") from exc
+                    raise
             if spool.n == 0:
                 raise StxError("no spectra to predict")
             order = [c for c in ("id", "survey", "source_file", "source_row", *ID_EXTRAS, "ra", "dec")

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError, PluginError, UsageError
+from .errors import FormatError, PluginError, UnknownFormat, UsageError
 from .plugins import PluginInfo, PluginSet, load_plugins
 from .protocols import KINDS, FileProbe, HduInfo, Reader
 
@@ -236,7 +236,8 @@ def identify(path: Path, registry: Registry, format: str | None = None) -> Reade
             matches.append(reader)
     if not matches:
         known = ", ".join(registry.names("reader")) or "none"
-        raise FormatError(f"{path}: unknown format; no reader recognises it (readers: {known}; use --format)")
+        raise UnknownFormat(f"{path}: unknown format; no reader recognises it (readers: {known}; use --format)",
+                            Path(path))
     top = max(r.priority for r in matches)
     best = [r for r in matches if r.priority == top]
     if len(best) > 1:

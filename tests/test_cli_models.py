@@ -374,3 +374,22 @@ def test_empty_rows_in_a_store_predict_nan_and_are_not_trained_on(work, base, ca
     assert code == 0, err
     assert "2 labelled star(s) have no valid feature (NO_OVERLAP) and are left out" in err
     assert json.loads(out)["n_train"] + json.loads(out)["n_val"] == 58
+
+
+def test_several_inputs_are_identified_as_read_and_a_catalog_among_them_is_a_usage_error(dr10, capsys, tmp_path):
+    """With several INPUTs each FITS file is identified just before it is read: a FITS input
+    catalog among them is a usage error saying a catalog must be the only INPUT (exit 2), a file
+    no reader knows is a data error (exit 1); neither leaves an output."""
+    from astropy.table import Table
+
+    d, src, files = dr10
+    code, _, err = run_cli(["pretrain", d / "dr10.h5", "-o", tmp_path / "m", "--set", "hidden=8", "--val-frac",
+                            "0.25", *FAST, "--quiet"], capsys)
+    assert code == 0, err
+    Table({"path": [files[0]]}).write(tmp_path / "cat.fits")
+    _fails(capsys, ["predict", tmp_path / "m", *files[:2], tmp_path / "cat.fits", "-o", tmp_path / "o.fits"],
+           code_expected=2, match="cat.fits: an input catalog must be the only INPUT")
+    (tmp_path / "junk.fits").write_bytes(b"SIMPLE  =" + b" " * 2871)
+    _fails(capsys, ["predict", tmp_path / "m", *files[:2], tmp_path / "junk.fits", "-o", tmp_path / "o.fits"],
+           code_expected=1, match="junk.fits: ")
+    assert not (tmp_path / "o.fits").exists()
