@@ -20,7 +20,7 @@ install (about 10 s, on the first batch that uses them), then loaded from numba'
 
 Integer codes: grid kind 0 = linear, 1 = log10-linear; degradation mode 0 = none,
 1 = every pixel of the spectrum good, 2 = few bad pixels (re-normalise only next to them),
-3 = many (re-normalise everywhere), as :func:`._rawlib.renormalisation` chooses per spectrum
+3 = many (re-normalise everywhere), chosen per spectrum by :data:`._rawlib.SPARSE_BAD_FRAC`
 (the caller passes 0 or 1: no resolution matching, or matching with the mode each row picks).
 """
 
@@ -84,8 +84,8 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, bad_frac, k_ptr, k
     Per spectrum: flux scaled by ``inv_scale`` and variance ``inv_scale^2 / ivar`` (0 where not
     ``good``); the normalised convolution with the CSR kernel ``K`` (and ``K^2`` for the
     variance) as ``deg_mode`` says (0: none; else each spectrum's own mode, dense above
-    ``bad_frac`` bad pixels, as :func:`._rawlib.renormalisation`); then ``a = flux*width``, ``b = good*width``, ``v = var*width^2``
-    written to ``a_out``/``b_out``/``v_out`` (len(rows), npix; ``b_out`` only when not
+    ``bad_frac`` bad pixels, :data:`._rawlib.SPARSE_BAD_FRAC`); then ``a = flux*width``,
+    ``b = good*width``, ``v = var*width^2`` written to ``a_out``/``b_out``/``v_out`` (len(rows), npix; ``b_out`` only when not
     ``allgood``: it is the pixel widths then), and rebinned by the zero-velocity overlap matrix
     ``O`` (CSR, output bins ``j0..``) into the spectrum-major inverse-variance sums
     ``s_fi``/``s_i`` (len(rows), m) where the bin's good coverage reaches ``thr``. ``allgood``:
@@ -289,20 +289,20 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, bad_frac, k_ptr, k
 
 
 @_kernel
-def rest_arm(a, b, v, allgood, clean, kind, x0, step, cw, width, edges, log_edges, j0, j1, minc_w, zfac,
+def rest_arm(a, b, v, clean, kind, x0, step, cw, width, edges, log_edges, j0, j1, minc_w, zfac,
              lzfac, s_fi, s_i):  # type: ignore[no-untyped-def]
     """One arm's exact flux-conserving rebinning onto the output bins ``j0..j1`` at each
     spectrum's ``zfac``, added to the spectrum-major inverse-variance sums ``s_fi``/``s_i``
     (n, m): :func:`._rawlib.edge_positions`, :func:`._rawlib.resample_sums` (bin coverage from
-    the pixel positions when ``allgood``, or for the spectra that are ``clean``, all pixels good:
-    :func:`._rawlib.covered_width`) and the arm
-    accumulation of the numpy path, for one spectrum at a time."""
+    the pixel positions for the spectra that are ``clean``, every pixel good, as
+    :func:`._rawlib.covered_width`; ``b`` is read for the others only, and may have no rows when
+    all are clean) and the arm accumulation of the numpy path, for one spectrum at a time."""
     n, npix = a.shape
     fnp = float(npix)
     for i in range(n):
         z = zfac[i]
         lz = lzfac[i]
-        ag = allgood or clean[i]
+        ag = clean[i]
         zf = np.float32(z)
         if kind == 0:
             pa = (edges[j0] * z - x0) / step + 0.5

@@ -304,19 +304,11 @@ def _normalised(num: np.ndarray, den: np.ndarray, vnum: np.ndarray, good: np.nda
     return f_out, ok, v_out
 
 
-#: Above this fraction of bad pixels the normalisation of :func:`apply_degrader` is dense.
+#: How :func:`apply_degrader` re-normalises a spectrum after the convolution, decided per spectrum
+#: (the compiled kernels decide the same), so that a spectrum's features do not depend on the other
+#: spectra of its batch: not at all when every pixel is good, next to its bad pixels only when at
+#: most this fraction of them is bad, everywhere above it. The choice fixes the result's rounding.
 SPARSE_BAD_FRAC = 0.05
-
-
-def renormalisation(n_good: int, size: int) -> str:
-    """How :func:`apply_degrader` re-normalises a spectrum with ``n_good`` of its ``size``
-    pixels good: ``"none"`` (every pixel good), ``"sparse"`` (next to the few bad pixels only) or
-    ``"dense"`` (everywhere: more than :data:`SPARSE_BAD_FRAC` bad). The choice fixes the
-    rounding of the result; it is made per spectrum (the compiled kernels make the same), so a
-    spectrum's features do not depend on the other spectra of its batch."""
-    if n_good == size:
-        return "none"
-    return "dense" if size - n_good > SPARSE_BAD_FRAC * size else "sparse"
 
 
 def apply_degrader(deg: Degrader, flux: np.ndarray, good: np.ndarray, var: np.ndarray, *,
@@ -329,7 +321,7 @@ def apply_degrader(deg: Degrader, flux: np.ndarray, good: np.ndarray, var: np.nd
     sits on good pixels. ``zeroed=True`` says ``flux`` and ``var`` are already 0 where not good.
 
     The rows of K sum to 1, so ``K(g) = 1 - K(1 - g)`` differs from 1 only near bad pixels: for a
-    spectrum with few of them (:func:`renormalisation`, per spectrum), ``K(1 - g)`` is a sparse
+    spectrum with few of them (:data:`SPARSE_BAD_FRAC`, per spectrum), ``K(1 - g)`` is a sparse
     product and only the entries it touches are re-normalised (and zeroed where not good); a
     spectrum with many is re-normalised everywhere, by a dense ``K(g)``."""
     import scipy.sparse as sp

@@ -450,7 +450,7 @@ class RawFeaturizer:
         s_fi = np.zeros((nl, m), np.float32)  # spectrum-major sums, transposed once below
         s_i = np.zeros((nl, m), np.float32)
         hd = np.zeros(nl, bool)
-        pieces: list[tuple[L.InputGrid, np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]] = []
+        pieces: list[tuple[L.InputGrid, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         used_nominal = 0
         none_i = np.zeros(1, np.int32)
         none_f = np.zeros(1, np.float32)
@@ -464,7 +464,7 @@ class RawFeaturizer:
                 deg, nominal = self._nominal_degrader(arm, grid)
                 used_nominal += nominal
                 if deg is not None:
-                    mode = J.DEG_ALLGOOD  # each spectrum picks its re-normalisation (L.renormalisation)
+                    mode = J.DEG_ALLGOOD  # each spectrum picks its re-normalisation (L.SPARSE_BAD_FRAC)
             k_arr = ((deg.k.indptr, deg.k.indices, deg.k.data, deg.k.data * deg.k.data, *deg.band) if deg is not None
                      else (none_i, none_i, none_f, none_f, np.zeros((0, npix), np.float32), 0))
             j0, j1 = self._bin_range(grid, 1.0, 1.0)
@@ -486,7 +486,7 @@ class RawFeaturizer:
             J.observed_arm(flux, ivar, good, rows, inv_scale, mode, L.SPARSE_BAD_FRAC, *k_arr,
                            w, w * w, allgood, *o_arr, j0, thr, a, b, v, hg, clean, s_fi, s_i)
             hd |= hg
-            pieces.append((grid, a, b, v, allgood, clean))
+            pieces.append((grid, a, b, v, clean))
             del a, b, v
         del data
         if used_nominal:
@@ -508,10 +508,10 @@ class RawFeaturizer:
             ivar_r = np.zeros((nl, m), np.float32)
             minc_w = (self.min_coverage * np.diff(self._edges)).astype(np.float32)
             while pieces:  # each arm's arrays freed as soon as it is rebinned
-                grid, a, b, v, allgood, clean = pieces.pop(0)
+                grid, a, b, v, clean = pieces.pop(0)
                 j0, j1 = self._bin_range(grid, float(zfac.min()), float(zfac.max()))
                 if j1 > j0:
-                    J.rest_arm(a, b, v, allgood, clean, 0 if grid.kind == "linear" else 1, grid.x0, grid.step,
+                    J.rest_arm(a, b, v, clean, 0 if grid.kind == "linear" else 1, grid.x0, grid.step,
                                grid.edges - grid.edges[0], grid.width, self._edges, self._log_edges, j0, j1,
                                minc_w, zfac, np.log10(zfac), flux_r, ivar_r)
                 del a, b, v
