@@ -31,6 +31,12 @@ from .spectra import Arm, SpectrumBatch, SpectrumMeta
 WINDOW_ROWS = 64
 
 
+def columns_signature(columns: dict[str, Any]) -> tuple[Any, ...]:
+    """Names, kinds and shapes of per-spectrum columns (a reader's ``meta.extra``): what must agree
+    for rows of two batches to be stacked into one array per column."""
+    return tuple((k, np.asarray(v).dtype.kind, np.asarray(v).shape[1:]) for k, v in sorted(columns.items()))
+
+
 def layout(batch: SpectrumBatch) -> tuple[Any, ...] | None:
     """What must agree for two batches to be featurized as one; None: never merged (per-spectrum
     resolution matrices, which are large and only come in large batches anyway)."""
@@ -46,8 +52,7 @@ def layout(batch: SpectrumBatch) -> tuple[Any, ...] | None:
             rp = float(rp)
         arms.append((a.name, int(a.flux.shape[1]), rp))
     m = batch.meta
-    extra = tuple((k, np.asarray(v).dtype.kind, np.asarray(v).shape[1:]) for k, v in sorted(m.extra.items()))
-    return m.survey, tuple(arms), tuple(sorted(m.snr)), extra
+    return m.survey, tuple(arms), tuple(sorted(m.snr)), columns_signature(m.extra)
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import __version__, console
 from . import flags as F
+from .coalesce import columns_signature
 from .errors import FormatError, ModelFileError, StxError, UnknownFormat, UsageError
 from .io import atomic_file
 
@@ -206,8 +207,7 @@ def _chunk_of(batches: list[Any], need_ivar: bool = True) -> Chunk:
 def _schema(fb: Any) -> tuple[Any, ...]:
     """What must agree for feature batches to share a chunk: the reader's extra columns (names,
     kinds, shapes) and the feature width; batches of different readers start a new chunk."""
-    extra = tuple((k, np.asarray(v).dtype.kind, np.asarray(v).shape[1:]) for k, v in sorted(fb.meta.extra.items()))
-    return fb.features.shape[1], extra
+    return fb.features.shape[1], columns_signature(fb.meta.extra)
 
 
 def file_chunks(paths: Sequence[Path], feat: Any, fmt: str | None, chunk_rows: int,
