@@ -161,6 +161,14 @@ def _pooled_transform(featurizer: Featurizer, batch: SpectrumBatch) -> FeatureBa
 MIN_POOLED_ROWS = 16
 
 
+@dataclass
+class _Running:
+    """A window of small batches in :func:`transform_stream`'s queue, with its groups' futures."""
+
+    window: Any  # stxcli.coalesce.Window
+    futures: list[Any]  # concurrent.futures.Future, one per group
+
+
 def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int = 1) -> Iterator[Any]:
     """Each :class:`SpectrumBatch` of ``items`` replaced by its features, in order; anything else
     passes through. With ``threads > 1`` and a ``thread_safe`` featurizer, up to ``threads``
@@ -193,7 +201,6 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
         prepare()  # shared caches built once, not raced for by the first batches
     pending: deque[Any] = deque()
     pooled: set[Future] = set()  # the futures still on the pool (not those done inline)
-    futures: dict[int, list[Future]] = {}  # a window's, by id(window)
 
     def start(batch: SpectrumBatch) -> Future:
         if batch.n >= MIN_POOLED_ROWS:
@@ -205,16 +212,15 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
         return done
 
     def running(x: Any) -> bool:
-        if isinstance(x, Window):
-            return any(f in pooled for f in futures[id(x)])
+        if isinstance(x, _Running):
+            return any(f in pooled for f in x.futures)
         return isinstance(x, Future) and x in pooled
 
     def hand_over(x: Any) -> Iterator[Any]:
-        if isinstance(x, Window):
-            fs = futures.pop(id(x))
-            pooled.difference_update(fs)
-            x.results[:] = [f.result() for f in fs]
-            yield from x.expand()
+        if isinstance(x, _Running):
+            pooled.difference_update(x.futures)
+            x.window.results[:] = [f.result() for f in x.futures]
+            yield from x.window.expand()
         elif isinstance(x, Future):
             pooled.discard(x)
             yield x.result()
@@ -229,8 +235,7 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
         try:
             for it in items:
                 if isinstance(it, Window):
-                    futures[id(it)] = [start(g) for g in it.groups]
-                    pending.append(it)
+                    pending.append(_Running(it, [start(g) for g in it.groups]))
                 elif isinstance(it, SpectrumBatch):
                     pending.append(start(it))
                 else:
@@ -242,9 +247,10 @@ def transform_stream(featurizer: Featurizer, items: Iterable[Any], threads: int 
             while pending:
                 yield from hand_over(pending.popleft())
         finally:  # an error or an abandoned generator: no thread keeps working on freed data
-            for f in [*pending, *(g for fs in futures.values() for g in fs)]:
-                if isinstance(f, Future):
-                    f.cancel()
+            for x in pending:
+                for f in x.futures if isinstance(x, _Running) else [x]:
+                    if isinstance(f, Future):
+                        f.cancel()
 
 
 def featurize_file(path: Path, featurizer: Featurizer, *, format: str | None = None,

@@ -66,7 +66,7 @@ def run_featurize(inputs: list[str], output: Path, *, featurizer: str = "raw",
     import numpy as np
 
     from ..pipeline import (INPUT_DIGEST, build_featurizer, default_threads, expand_inputs, join_labels, map_files,
-                            read_catalog, usable_cores)
+                            read_catalog)
     from ..store import StoreWriter, featurizer_key
 
     if match_by not in ("id", "file"):
