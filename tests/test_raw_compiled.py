@@ -177,6 +177,51 @@ def test_the_band_convolution_equals_the_stored_entries(case, monkeypatch):
         assert np.isinf(got[0][2][5]).any() and not np.isnan(got[0][2]).any()
 
 
+def test_the_continuum_kernel_equals_the_batched_fit():
+    """70 spectra (two blocks of 32 and a partial one), with masked stretches and one empty."""
+    from stx_builtin.featurizers import _rawlib as L
+
+    f = RawFeaturizer()
+    model = f._model()
+    m, n = f.dim, 70
+    rng = np.random.default_rng(5)
+    x = np.linspace(0, 1, m)
+    cont = (1 + 0.5 * x[None, :] - 0.3 * x[None, :] ** 2) * rng.uniform(0.5, 2, (n, 1))
+    flux = (cont * (1 - 0.4 * (rng.random((n, m)) < 0.05)) * (1 + 0.01 * rng.standard_normal((n, m))))
+    ivar = np.full((n, m), 100.0, np.float32)
+    ivar[3, 500:900] = 0
+    ivar[10] = 0
+    ivar[rng.random((n, m)) < 0.02] = 0
+    flux = np.where(ivar > 0, flux, 0).astype(np.float32)
+    ref = L.fit_continuum(model, np.ascontiguousarray(flux.T), np.ascontiguousarray(ivar.T) > 0, f.cont_iter,
+                          f.cont_clip_lo, f.cont_clip_hi, zeroed=True).T
+    got = f._continuum_compiled(flux, ivar)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    assert np.abs(got[10]).max() < 1e-6  # no data: the penalty alone, a zero continuum
+    # a system that is not positive definite (a negative penalty, no data): NaN and counted
+    out = np.zeros((2, m), np.float32)
+    bad = J.continuum(np.zeros((2, m), np.float32), np.zeros((2, m), np.float32), model.nbin, *model.csr("prod"),
+                      model.d_of_pair, model.pairs_k, -model.pen_band, *model.csr("bin"), *model.csr("bin_t"),
+                      *model.csr("basis"), 3, 2.0, 3.0, out)
+    assert bad == 2 and np.isnan(out).all()
+
+
+def test_select_gives_the_kth_smallest_as_partition_does():
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        n = int(rng.integers(1, 60)) if trial < 250 else int(rng.integers(1000, 4000))
+        values = rng.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:  # many ties
+            values = np.round(values).astype(np.float32)
+        k = int(rng.integers(0, n))
+        buf = np.concatenate([values, np.float32([np.inf, -np.inf])])  # past n: never looked at
+        got = J._select(buf, n, k)
+        assert got == np.partition(values, k)[k]
+        assert np.array_equal(np.sort(buf[:n]), np.sort(values))  # a permutation of the input
+        assert k == 0 or buf[:k].max() <= got
+        assert buf[n] == np.inf and buf[n + 1] == -np.inf
+
+
 def test_a_kernel_band_is_its_rows_diagonals():
     import scipy.sparse as sp
 

@@ -492,12 +492,10 @@ class RawFeaturizer:
         if used_nominal:
             notes.append(f"resolution matrix missing for {used_nominal} arm(s): used their resolving_power")
         J.finish(s_fi, s_i)
-        flux_o = np.ascontiguousarray(s_fi.T)  # pixel-major, as the continuum fit and the RV take it
-        ivar_o = np.ascontiguousarray(s_i.T)
-        zfac, cont_o = self._velocities(flux_o, ivar_o, hd, live, rv, need, has_data, est, ccf_peak, notes,
+        # spectrum-major from here: the continuum per spectrum, the CCF depths written pixel-major
+        zfac, cont_o = self._velocities(s_fi, s_i, hd, live, rv, need, has_data, est, ccf_peak, notes,
                                         compiled=True)
         assert cont_o is not None  # continuum == "spline"
-        del flux_o, ivar_o
 
         # 4. rest frame, spectrum-major; 5-6. normalisation, missing pixels, SNR
         if np.all(zfac == 1.0):
@@ -519,7 +517,7 @@ class RawFeaturizer:
         del pieces
         valid = np.empty((nl, m), bool)
         snr = np.empty(nl)
-        J.normalise(flux_r, ivar_r, np.ascontiguousarray(cont_o.T), np.log10(zfac) / self.dlog,
+        J.normalise(flux_r, ivar_r, cont_o, np.log10(zfac) / self.dlog,
                     float(self.cont_floor), np.float32(1.0), valid, snr)
         return flux_r, ivar_r, valid, snr
 
@@ -627,7 +625,8 @@ class RawFeaturizer:
     def _velocities(self, flux_o: np.ndarray, ivar_o: np.ndarray, hd: np.ndarray, live: np.ndarray | None,
                     rv: np.ndarray, need: np.ndarray, has_data: np.ndarray, est: np.ndarray, ccf_peak: np.ndarray,
                     notes: list[str], compiled: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Step 3 after the observed-frame rebinning ``(m, nl)``: the continuum there (None with
+        """Step 3 after the observed-frame rebinning ``(m, nl)`` (``compiled``: spectrum-major
+        ``(nl, m)``, the kernels' layout): the continuum there in the same layout (None with
         ``continuum="none"``) and each live spectrum's ``zfac``, estimated by cross-correlation where
         needed and possible (``hd``: the spectrum kept data). Fills ``rv``, ``has_data``, ``est``
         and ``ccf_peak`` (length-n arrays) in place."""
@@ -638,14 +637,18 @@ class RawFeaturizer:
         est[sel] = est_l
         cont_o = None
         if self.continuum == "spline":
-            cont_o = self._continuum(flux_o, ivar_o, self.cont_iter)
+            cont_o = (self._continuum_compiled(flux_o, ivar_o) if compiled
+                      else self._continuum(flux_o, ivar_o, self.cont_iter))
         rv_l = rv[sel].copy()
         if est_l.any():
             ce = np.flatnonzero(est_l)
             full = ce.size == nl
-            v, peak = self._estimate_rv(flux_o if full else flux_o[:, ce], ivar_o if full else ivar_o[:, ce],
-                                        None if cont_o is None else (cont_o if full else cont_o[:, ce]), notes,
-                                        compiled and cont_o is not None)
+
+            def some(a: np.ndarray) -> np.ndarray:
+                return a if full else (a[ce] if compiled else a[:, ce])
+
+            v, peak = self._estimate_rv(some(flux_o), some(ivar_o), None if cont_o is None else some(cont_o),
+                                        notes, compiled and cont_o is not None)
             rv_l[ce] = v
             pk = np.zeros(nl)
             pk[ce] = peak
@@ -869,6 +872,19 @@ class RawFeaturizer:
         return L.fit_continuum(self._model(), flux, ivar > 0, n_iter, self.cont_clip_lo, self.cont_clip_hi,
                                zeroed=True)  # the combination leaves flux 0 where ivar is 0
 
+    def _continuum_compiled(self, flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
+        """:meth:`_continuum` of spectrum-major ``(n, m)`` spectra by :func:`._rawjit.continuum`
+        (the same fit, a spectrum at a time, without the GIL), spectrum-major."""
+        mod = self._model()
+        cont = np.empty(flux.shape, np.float32)
+        failed = _kernels_module().continuum(
+            flux, ivar, mod.nbin, *mod.csr("prod"), mod.d_of_pair, mod.pairs_k, mod.pen_band, *mod.csr("bin"),
+            *mod.csr("bin_t"), *mod.csr("basis"), int(self.cont_iter), float(self.cont_clip_lo),
+            float(self.cont_clip_hi), cont)
+        if failed:  # what LAPACK's banded Cholesky says in the numpy path
+            raise np.linalg.LinAlgError(f"continuum fit: {failed} normal matrices not positive definite")
+        return cont
+
     def _normalise(self, flux: np.ndarray, ivar: np.ndarray, cont: np.ndarray, axis: int = 0
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """flux/cont and ivar*cont^2 (pixel-major (m, n) with ``axis=0``, spectrum-major (n, m) with
@@ -914,8 +930,8 @@ class RawFeaturizer:
                      compiled: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """CCF velocities (km/s) and peaks of observed-frame spectra ``(m, ne)`` against the MILES
         templates; 0 km/s (peak 0) where there is no positive peak. Counts go to ``notes``.
-        ``compiled``: the line depths by :func:`._rawjit.rv_depth` (C-contiguous float32 input)."""
-        ne = flux.shape[1]
+        ``compiled``: spectrum-major ``(ne, m)`` inputs, the line depths by :func:`._rawjit.rv_depth`."""
+        ne = flux.shape[0 if compiled else 1]
         if cont is None:  # continuum="none": a continuum for the cross-correlation only
             cont = self._continuum(flux, ivar, _RV_CONT_ITER)
         bank = self._bank()
@@ -929,6 +945,7 @@ class RawFeaturizer:
             x = np.subtract(np.float32(1.0), feat, out=feat)
             np.clip(x, np.float32(-1.0), np.float32(1.0), out=x)
             x *= valid
+            x, valid = np.ascontiguousarray(x.T), np.ascontiguousarray(valid.T)  # as the kernels give them
         v, peak, edge = L.ccf_velocity(x, valid, bank, self.dlog)
         failed = ~(peak > 0)  # nothing on the grid to correlate, or no positive CCF peak
         weak = ~failed & ((peak < 0.2) | edge)
