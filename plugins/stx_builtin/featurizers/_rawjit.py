@@ -118,6 +118,14 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, bad_frac, k_ptr, k
     vn = np.empty(npix, np.float32)
     kb = np.empty(npix, np.float32)
     cb = np.empty(npix + 1, np.int64)  # bad pixels below pixel p
+    nw_o = o_w.shape[0]
+    sn_j = np.empty(nbin, np.float32)
+    sv_j = np.empty(nbin, np.float32)
+    sd_j = np.empty(nbin, np.float32)
+    sd_w = np.zeros(nbin, np.float32)  # what the pixel widths cover, summed as for a spectrum
+    for t in range(nw_o):
+        for j in range(nbin):
+            sd_w[j] += o_w[t, j] * width[o_c0[j] + t]
     for i in range(nrow):
         r = rows[i]
         sc = inv_scale[i]
@@ -250,24 +258,35 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, bad_frac, k_ptr, k
         nfin = 0
         for p in range(npix):
             nfin += (abs(a_out[i, p]) < np.inf) & (abs(v_out[i, p]) < np.inf)
-        if o_w.shape[0] > 0 and nfin == npix:
+        if nw_o > 0 and nfin == npix:
+            # tap by tap across the bins (gathers that vectorise), each bin's sums in tap order;
+            # a spectrum with every pixel good covers what the pixel widths do (``sd_w``)
+            a_row = a_out[i]
+            v_row = v_out[i]
+            sn_j[:] = _F0
+            sv_j[:] = _F0
+            full = allgood or clean[i]
+            if full:
+                sd_j[:] = sd_w
+            else:
+                sd_j[:] = _F0
+            for t in range(nw_o):
+                wt = o_w[t]
+                for j in range(nbin):
+                    c = o_c0[j] + t
+                    w = wt[j]
+                    sn_j[j] += w * a_row[c]
+                    sv_j[j] += (w * w) * v_row[c]
+                if not full:
+                    b_row = b_out[i]
+                    for j in range(nbin):
+                        sd_j[j] += wt[j] * b_row[o_c0[j] + t]
             for j in range(nbin):
-                c0 = o_c0[j]
-                sn = _F0
-                sd = _F0
-                sv = _F0
-                for t in range(o_w.shape[0]):
-                    w = o_w[t, j]
-                    c = c0 + t
-                    sn += w * a_out[i, c]
-                    if allgood:
-                        sd += w * width[c]
-                    else:
-                        sd += w * b_out[i, c]
-                    sv += (w * w) * v_out[i, c]
+                sv = sv_j[j]
+                sd = sd_j[j]
                 if sv > _F0 and sd >= thr[j]:
                     iv = sd / sv
-                    s_fi[i, j0 + j] += iv * sn
+                    s_fi[i, j0 + j] += iv * sn_j[j]
                     s_i[i, j0 + j] += iv * sd
             continue
         for j in range(nbin):
