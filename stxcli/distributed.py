@@ -390,30 +390,28 @@ def _maybe_fail(part: Part, job: "FeaturizeJob | PredictJob") -> None:
 def featurize_part(part: Part, job: FeaturizeJob, rv_lookup: dict[str, float] | None) -> dict[str, Any]:
     """The Dask task: featurize ``part.files`` into the part store ``part.path`` (atomic)."""
     from .io import atomic_file
-    from .pipeline import INPUT_DIGEST, featurize_file, input_digest
-    from .registry import get_registry, identify
+    from .pipeline import INPUT_DIGEST, featurize_files, file_results
     from .store import StoreWriter
 
     t0, c0 = time.perf_counter(), time.process_time()
     _maybe_fail(part, job)
     feat = _featurizer_for(job)
-    reg = get_registry()
+    opened = [_opened_path(f, job.cwd) for f in part.files]
     with atomic_file(part.path) as tmp:
         w = StoreWriter(tmp, featurizer_name=feat.name, featurizer_version=feat.version,
                         featurizer_config=feat.config(), dim=feat.dim, axis=feat.axis())
         try:
             inputs, notes = [], set()
-            for f in part.files:
-                p = _opened_path(f, job.cwd)
-                reader = identify(p, reg, job.format).name
+            # the partition's files as one stream: one-spectrum files (LAMOST) merge into batches
+            stream = featurize_files(opened, feat, format=job.format, chunk_size=job.chunk_size,
+                                     rv_lookup=rv_lookup)
+            for f, p, res in zip(part.files, opened, file_results(stream)):
                 start = w.n
-                # the reader is known now: passing its name skips a second probe of the file
-                for fb in featurize_file(p, feat, format=reader, chunk_size=job.chunk_size,
-                                         rv_lookup=rv_lookup):
+                for fb in res.batches:
                     fb.meta.source_file = _as_given(fb.meta.source_file, p, f)
                     w.append(fb)
                     notes.update(fb.notes)
-                inputs.append({"path": f, INPUT_DIGEST: input_digest(p), "reader": reader, "rows": [start, w.n]})
+                inputs.append({"path": f, INPUT_DIGEST: res.digest, "reader": res.reader, "rows": [start, w.n]})
             w.set_inputs(inputs)
             w.f.attrs["part_key"] = part.key
             w.f.attrs["notes"] = json.dumps(sorted(notes))

@@ -422,16 +422,46 @@ def _prepare_for_fork(first: Path, format: str | None) -> None:
         prepare()
 
 
-def _run_file(path: Path) -> FileResult:
-    """A worker process's file, featurized in full (the list goes back to the parent)."""
+#: a worker process's task: consecutive files up to this many, or this many input bytes (a
+#: large file is a task of its own). One file per task left one-spectrum files (LAMOST) unmerged:
+#: 2 processes featurized 272 files/s where one process, merging them, did 620.
+GROUP_FILES = 64
+GROUP_BYTES = 64 << 20
+
+
+def file_groups(paths: Sequence[Path], max_files: int = GROUP_FILES, max_bytes: int = GROUP_BYTES
+                ) -> list[list[Path]]:
+    """``paths`` cut, in order, into runs of at most ``max_files`` files and about ``max_bytes``
+    (a file that reaches it alone is a run of its own; a file that cannot be read counts as
+    large, and its error comes from the worker that meets it)."""
+    groups: list[list[Path]] = []
+    cur: list[Path] = []
+    size = 0
+    for p in paths:
+        try:
+            n = os.stat(p).st_size
+        except OSError:
+            n = max_bytes
+        if cur and (len(cur) >= max_files or size + n > max_bytes):
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(Path(p))
+        size += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def _run_group(paths: list[Path]) -> list[FileResult]:
+    """A worker process's task: consecutive files featurized as one stream (one-spectrum files
+    merge into batches, :func:`transform_stream`), returned file by file, in full."""
     st = _worker_state
-    reader = identify(path, get_registry(), st["format"])
-    batches = featurize_file(path, st["featurizer"], format=st["format"], chunk_size=st["chunk_size"],
-                             rv_lookup=st["rv_lookup"], reader=reader, threads=st["threads"])
-    return FileResult(path, input_digest(path), reader.name, list(batches))
+    stream = featurize_files(paths, st["featurizer"], format=st["format"], chunk_size=st["chunk_size"],
+                             rv_lookup=st["rv_lookup"], threads=st["threads"])
+    return [FileResult(r.path, r.digest, r.reader, list(r.batches)) for r in file_results(stream)]
 
 
-def _grouped(stream: Iterator[Any]) -> Iterator[FileResult]:
+def file_results(stream: Iterator[Any]) -> Iterator[FileResult]:
     """:func:`featurize_files`' stream as one :class:`FileResult` per file, whose lazy
     ``batches`` run up to the next :class:`FileStart` (drained here if the caller did not)."""
     head = next(stream, None)
@@ -459,10 +489,11 @@ def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: di
               format: str | None = None, chunk_size: int = 1024, workers: int = 1,
               rv_lookup: RvLookup | None = None, threads: int = 1) -> Iterator[FileResult]:
     """Featurize files in input order, in ``workers`` processes (1 = this process), each
-    transforming ``threads`` batches at a time."""
+    transforming ``threads`` batches at a time; a worker takes consecutive files at a time
+    (:func:`file_groups`)."""
     if workers <= 1:
         _init_worker(featurizer_name, featurizer_config, format, chunk_size, rv_lookup, threads=threads)
-        yield from _grouped(featurize_files(paths, _worker_state["featurizer"], format=format,
+        yield from file_results(featurize_files(paths, _worker_state["featurizer"], format=format,
                                             chunk_size=chunk_size, rv_lookup=rv_lookup, threads=threads))
         return
     import multiprocessing as mp
@@ -475,7 +506,8 @@ def map_files(paths: Sequence[Path], featurizer_name: str, featurizer_config: di
     with ctx.Pool(workers, initializer=_init_worker,
                   initargs=(featurizer_name, featurizer_config, format, chunk_size, rv_lookup, fork,
                             threads)) as pool:
-        yield from pool.imap(_run_file, list(paths), chunksize=1)
+        for results in pool.imap(_run_group, file_groups(paths), chunksize=1):
+            yield from results
 
 
 def iter_feature_batches(paths: Sequence[Path], featurizer: Featurizer, *, format: str | None = None,

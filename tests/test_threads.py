@@ -239,10 +239,9 @@ def test_interrupted_threaded_run_resumes(tmp_path, shared, monkeypatch):
 
 
 def test_many_one_spectrum_files_in_one_process_equal_worker_processes(shared, tmp_path, capsys):
-    """One process merges consecutive one-spectrum files into batches (stxcli.coalesce); worker
-    processes featurize each file alone: the stores are the same bytes (LAMOST's velocities are
-    in its headers), and no hint sends users to --workers any more (one process is now faster:
-    docs/featurize.md)."""
+    """One process merges consecutive one-spectrum files into batches (stxcli.coalesce), and so
+    does each worker process within its task of consecutive files: the stores are the same bytes
+    (LAMOST's velocities are in its headers), and no hint sends users to --workers."""
     import json
 
     files = sorted((shared / "lamost-dr10-train" / "spectra").glob("*.fits*"))[:70]
@@ -290,3 +289,48 @@ def test_transforms_run_with_the_old_objects_frozen_and_thawed_after(shared):
     with pytest.raises(RuntimeError), pipeline.long_lived_frozen():
         raise RuntimeError("boom")
     assert gc.get_freeze_count() == 0
+
+
+def test_file_groups_cut_the_inputs_in_order_by_count_and_size(tmp_path):
+    sizes = [10, 10, 10, 50, 10, 200, 10, 10]
+    paths = []
+    for i, n in enumerate(sizes):
+        p = tmp_path / f"f{i}.fits"
+        p.write_bytes(b"x" * n)
+        paths.append(p)
+    paths.insert(5, tmp_path / "missing.fits")  # unreadable: counted as large, alone
+    groups = pipeline.file_groups(paths, max_files=3, max_bytes=60)
+    assert [[p.name for p in g] for g in groups] == [
+        ["f0.fits", "f1.fits", "f2.fits"],  # three files: the count
+        ["f3.fits", "f4.fits"],  # 50 + 10 = 60 bytes: the size
+        ["missing.fits"],
+        ["f5.fits"],  # larger than a group: alone
+        ["f6.fits", "f7.fits"],
+    ]
+    assert pipeline.file_groups([]) == []
+
+
+def test_a_worker_task_featurizes_its_files_as_one_stream(shared, monkeypatch):
+    """A worker process's task (here run in this process) merges its one-spectrum files into
+    batches as one process does, and hands back one result per file, in order, each with its
+    own rows."""
+    files = sorted((shared / "lamost-dr10-train" / "spectra").glob("*.fits*"))[:12]
+    pipeline._init_worker("raw", {}, None, 1024, None)
+    feat = pipeline._worker_state["featurizer"]
+    sizes: list[int] = []
+    real = feat.transform
+
+    def spy(batch):
+        sizes.append(batch.n)
+        return real(batch)
+
+    monkeypatch.setattr(feat, "transform", spy)
+    results = pipeline._run_group(files)
+    merged = list(sizes)
+    sizes.clear()
+    list(featurize_files(files, feat, chunk_size=1024))  # one process over the same files
+    assert merged == sizes and sum(merged) == 12 and len(merged) < 6  # windows by layout: [9, 2, 1]
+    assert [r.path for r in results] == files
+    for r in results:
+        assert isinstance(r.batches, list) and sum(fb.features.shape[0] for fb in r.batches) == 1
+        assert all(fb.meta.source_file[0] == str(r.path) for fb in r.batches)

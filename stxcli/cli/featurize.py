@@ -231,7 +231,7 @@ def register(app: typer.Typer) -> None:
         label_columns: str = typer.Option("teff,logg,feh", "--label-columns", help="Comma-separated catalog columns to store as labels."),
         match_by: str = typer.Option("id", "--match-by", help="'id': catalog ids equal spectrum ids (OBSID, TARGETID); 'file': catalog holds file names."),
         rv_column: Optional[str] = typer.Option(None, "--rv-column", help="Catalog column with radial velocities (km/s) used for the rest frame."),
-        workers: int = typer.Option(1, "--workers", "-j", help="Worker processes (parallel over files, each file featurized alone). On 2 cores one process with --threads was faster even for LAMOST files: it also featurizes consecutive one-spectrum files as one batch (docs/featurize.md)."),
+        workers: int = typer.Option(1, "--workers", "-j", help="Worker processes, parallel over runs of consecutive files (up to 64 files or 64 MB each; one-spectrum files are merged into batches within a run). On 2 cores one process with --threads is as fast (docs/featurize.md)."),
         threads: Optional[int] = typer.Option(None, "--threads", help="Batches featurized at once in each process, in threads (parallel within and across files). Default: the usable CPU cores divided by --workers. The store does not depend on it."),
         chunk_size: int = typer.Option(256, "--chunk-size", help="Spectra per batch when reading large files (memory ~0.3 MB per spectrum in a batch)."),
         dask: Optional[str] = typer.Option(None, "--dask", help="Run on a Dask cluster: a scheduler address (tcp://host:8786) or local[:N] for N local worker processes. Needs the extra stx[dask]; the parts folder beside the output must be visible to every worker."),
