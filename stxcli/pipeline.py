@@ -430,11 +430,12 @@ GROUP_BYTES = 64 << 20
 
 
 def file_groups(paths: Sequence[Path], max_files: int = GROUP_FILES, max_bytes: int = GROUP_BYTES
-                ) -> list[list[Path]]:
+                ) -> Iterator[list[Path]]:
     """``paths`` cut, in order, into runs of at most ``max_files`` files and about ``max_bytes``
     (a file that reaches it alone is a run of its own; a file that cannot be read counts as
-    large, and its error comes from the worker that meets it)."""
-    groups: list[list[Path]] = []
+    large, and its error comes from the worker that meets it). Lazy: the pool's feeder thread
+    stats the files while the workers run (one stat a file; on a network file system that is
+    not free)."""
     cur: list[Path] = []
     size = 0
     for p in paths:
@@ -443,13 +444,12 @@ def file_groups(paths: Sequence[Path], max_files: int = GROUP_FILES, max_bytes: 
         except OSError:
             n = max_bytes
         if cur and (len(cur) >= max_files or size + n > max_bytes):
-            groups.append(cur)
+            yield cur
             cur, size = [], 0
         cur.append(Path(p))
         size += n
     if cur:
-        groups.append(cur)
-    return groups
+        yield cur
 
 
 def _run_group(paths: list[Path]) -> list[FileResult]:

@@ -299,7 +299,7 @@ def test_file_groups_cut_the_inputs_in_order_by_count_and_size(tmp_path):
         p.write_bytes(b"x" * n)
         paths.append(p)
     paths.insert(5, tmp_path / "missing.fits")  # unreadable: counted as large, alone
-    groups = pipeline.file_groups(paths, max_files=3, max_bytes=60)
+    groups = list(pipeline.file_groups(paths, max_files=3, max_bytes=60))
     assert [[p.name for p in g] for g in groups] == [
         ["f0.fits", "f1.fits", "f2.fits"],  # three files: the count
         ["f3.fits", "f4.fits"],  # 50 + 10 = 60 bytes: the size
@@ -307,7 +307,7 @@ def test_file_groups_cut_the_inputs_in_order_by_count_and_size(tmp_path):
         ["f5.fits"],  # larger than a group: alone
         ["f6.fits", "f7.fits"],
     ]
-    assert pipeline.file_groups([]) == []
+    assert list(pipeline.file_groups([])) == []
 
 
 def test_a_worker_task_featurizes_its_files_as_one_stream(shared, monkeypatch):
