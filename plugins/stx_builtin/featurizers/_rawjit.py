@@ -259,7 +259,7 @@ def observed_arm(flux, ivar, good, rows, inv_scale, deg_mode, bad_frac, k_ptr, k
         for p in range(npix):
             nfin += (abs(a_out[i, p]) < np.inf) & (abs(v_out[i, p]) < np.inf)
         if nw_o > 0 and nfin == npix:
-            # tap by tap across the bins (gathers that vectorise), each bin's sums in tap order;
+            # tap by tap across the bins (indexed loads LLVM partly turns into gathers), each bin's sums in tap order;
             # a spectrum with every pixel good covers what the pixel widths do (``sd_w``)
             a_row = a_out[i]
             v_row = v_out[i]

@@ -492,7 +492,7 @@ class RawFeaturizer:
         if used_nominal:
             notes.append(f"resolution matrix missing for {used_nominal} arm(s): used their resolving_power")
         J.finish(s_fi, s_i)
-        # spectrum-major from here: the continuum per spectrum, the CCF depths written pixel-major
+        # spectrum-major from here, as the kernels run: the continuum, the CCF's depths, the rest frame
         zfac, cont_o = self._velocities(s_fi, s_i, hd, live, rv, need, has_data, est, ccf_peak, notes,
                                         compiled=True)
         assert cont_o is not None  # continuum == "spline"
@@ -874,7 +874,7 @@ class RawFeaturizer:
 
     def _continuum_compiled(self, flux: np.ndarray, ivar: np.ndarray) -> np.ndarray:
         """:meth:`_continuum` of spectrum-major ``(n, m)`` spectra by :func:`._rawjit.continuum`
-        (the same fit, a spectrum at a time, without the GIL), spectrum-major."""
+        (the same fit, :data:`._rawjit.BLOCK` spectra at a time, without the GIL), spectrum-major."""
         mod = self._model()
         cont = np.empty(flux.shape, np.float32)
         failed = _kernels_module().continuum(
