@@ -18,7 +18,7 @@ size).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -74,29 +74,23 @@ def merge(batches: list[SpectrumBatch]) -> SpectrumBatch:
         arms.append(Arm(name=a0.name, wave=wave, flux=_cat([a.flux for a in arms_k]),
                         ivar=_cat([a.ivar for a in arms_k]), mask=_cat([a.mask for a in arms_k]),
                         resolving_power=a0.resolving_power))
-    ms = [b.meta for b in batches]
-    meta: dict[str, Any] = {}
-    for f in fields(SpectrumMeta):  # every field, so that one added later is not dropped
-        first = getattr(ms[0], f.name)
-        if isinstance(first, str):  # the survey: one per layout
-            meta[f.name] = first
-        elif isinstance(first, dict):  # snr bands, extra columns: the same keys per layout
-            meta[f.name] = {k: _cat([np.asarray(getattr(m, f.name)[k]) for m in ms]) for k in first}
-        else:
-            meta[f.name] = _cat([np.asarray(getattr(m, f.name)) for m in ms])
-    return SpectrumBatch(arms=arms, meta=SpectrumMeta(**meta))
+    return SpectrumBatch(arms=arms, meta=_meta_from([b.meta for b in batches], _cat))
 
 
-def _meta_rows(m: SpectrumMeta, sl: slice) -> SpectrumMeta:
+def _meta_from(ms: list[SpectrumMeta], arrays: Callable[[list[np.ndarray]], np.ndarray]) -> SpectrumMeta:
+    """A :class:`SpectrumMeta` whose every per-spectrum array (a field, or an entry of a dict
+    field: snr bands, extra columns, the same keys within a layout) is ``arrays`` of that array
+    in each of ``ms``; the survey (one per layout) is the first's. Every field is walked, so that
+    one added later is not dropped."""
     out: dict[str, Any] = {}
     for f in fields(SpectrumMeta):
-        v = getattr(m, f.name)
-        if isinstance(v, str):
-            out[f.name] = v
-        elif isinstance(v, dict):
-            out[f.name] = {k: np.asarray(x)[sl] for k, x in v.items()}
+        first = getattr(ms[0], f.name)
+        if isinstance(first, str):
+            out[f.name] = first
+        elif isinstance(first, dict):
+            out[f.name] = {k: arrays([np.asarray(getattr(m, f.name)[k]) for m in ms]) for k in first}
         else:
-            out[f.name] = np.asarray(v)[sl]
+            out[f.name] = arrays([np.asarray(getattr(m, f.name)) for m in ms])
     return SpectrumMeta(**out)
 
 
@@ -108,7 +102,7 @@ def split(fb: FeatureBatch, sizes: list[int]) -> list[FeatureBatch]:
     for k, n in enumerate(sizes):
         sl = slice(a, a + n)
         out.append(FeatureBatch(fb.features[sl], fb.ivar[sl], {q: v[sl] for q, v in fb.quality.items()},
-                                _meta_rows(fb.meta, sl), list(fb.notes) if k == 0 else []))
+                                _meta_from([fb.meta], lambda arrs, sl=sl: arrs[0][sl]), list(fb.notes) if k == 0 else []))
         a += n
     return out
 
