@@ -702,7 +702,7 @@ def predict_on_dask(dask: "str | DaskTarget | Any", model_path: str | Path, inpu
     predicted in one process (featurizing is the costly step), so they are refused here."""
     from .io import atomic_file
     from .model import load_model
-    from .predict import ID_EXTRAS, Spool, classify_inputs, header_cards
+    from .predict import Spool, classify_inputs, write_catalog
 
     if chunk_rows < 1:
         raise UsageError("--chunk-size must be >= 1")
@@ -724,7 +724,6 @@ def predict_on_dask(dask: "str | DaskTarget | Any", model_path: str | Path, inpu
     fail_once = tuple(int(x) for x in os.environ.get(FAIL_ONCE_ENV, "").split(",") if x.strip())
     job = PredictJob(str(Path(model_path).resolve()), model.mdir.manifest_sha256, format, chunk_rows, device,
                      str(pdir), fail_once, os.getcwd())
-    units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}
     counts: dict[str, int] = {}
     t0 = time.perf_counter()
     with connect(dask) as client:
@@ -740,15 +739,7 @@ def predict_on_dask(dask: "str | DaskTarget | Any", model_path: str | Path, inpu
                 stats = run_parts(client, parts, predict_part, (job,), is_done=lambda p: p.index in done_before,
                                   on_ready=lambda p: _append_spool_part(spool, p, counts), retries=retries,
                                   description="predict", status=lambda: f"{spool.n} spectra")
-                if spool.n == 0:
-                    raise StxError("no spectra to predict")
-                order = [c for c in ("id", "survey", "source_file", "source_row", *ID_EXTRAS, "ra", "dec")
-                         if c in spool.order]
-                for s in model.specs:
-                    order += [s.name, f"{s.name}_err"]
-                order += ["snr", "flags"]
-                spool.write_fits(tmp, order, units, header_cards(model))
-                n = spool.n
+                n = write_catalog(spool, tmp, model)
             except KeyboardInterrupt:
                 _warn_kept(parts, pdir, predict_part_is_done)
                 raise

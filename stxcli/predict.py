@@ -384,6 +384,22 @@ class Spool:
             fh.write(b"\0" * ((-size) % 2880))
 
 
+def write_catalog(spool: Spool, path: Path, model: Any) -> int:
+    """The spooled predictions as the output catalog at ``path``: ids first, then each label and
+    its error (TUNIT from the model), SNR and flags, with the model's header cards; the number of
+    rows. No spectrum at all is an error."""
+    if spool.n == 0:
+        raise StxError("no spectra to predict")
+    order = [c for c in ("id", "survey", "source_file", "source_row", *ID_EXTRAS, "ra", "dec") if c in spool.order]
+    units: dict[str, str] = {}
+    for s in model.specs:
+        order += [s.name, f"{s.name}_err"]
+        units[s.name] = units[f"{s.name}_err"] = s.unit
+    order += ["snr", "flags"]
+    spool.write_fits(path, order, units, header_cards(model))
+    return spool.n
+
+
 def _fill_for(dtype: np.dtype) -> Any:
     if dtype.kind == "f":
         return np.nan
@@ -576,7 +592,6 @@ def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any
                 yield last
 
     counts: dict[str, int] = {}
-    units = {s.name: s.unit for s in model.specs} | {f"{s.name}_err": s.unit for s in model.specs}
     with atomic_file(output) as tmp:
         spool = Spool(tmp.with_name(tmp.name + ".spool"))
         try:
@@ -596,15 +611,7 @@ def _predict_stream(model: Any, stores: list[Path], files: list[Path], feat: Any
                         raise UsageError(f"{exc.path}: an input catalog must be the only INPUT (its rows define "
                                          f"the output rows)") from exc
                     raise
-            if spool.n == 0:
-                raise StxError("no spectra to predict")
-            order = [c for c in ("id", "survey", "source_file", "source_row", *ID_EXTRAS, "ra", "dec")
-                     if c in spool.order]
-            for s in model.specs:
-                order += [s.name, f"{s.name}_err"]
-            order += ["snr", "flags"]
-            spool.write_fits(tmp, order, units, header_cards(model))
-            n = spool.n
+            n = write_catalog(spool, tmp, model)
         finally:
             spool.close()
     return n, counts
