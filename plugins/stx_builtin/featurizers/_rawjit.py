@@ -482,7 +482,6 @@ def normalise(flux, ivar, cont, shift, cont_floor, fill, valid, snr):  # type: i
         snr[i] = med if np.isfinite(med) else 0.0
 
 
-
 #: spectra the continuum fit and the CCF depths take at a time: each spectrum's sums stay in
 #: order, and the loops over the block vectorise (one AVX-512 register of float32)
 BLOCK = 32
@@ -495,21 +494,21 @@ def rv_depth(flux, ivar, cont, tell, cont_floor, x, valid):  # type: ignore[no-u
     (ivar > 0, continuum above ``cont_floor`` times its mean over the good pixels, not in a
     ``tell`` band), 0 elsewhere."""
     n, m = flux.shape
-    for j in range(n):
+    for i in range(n):
         acc = 0.0
         ng = 0
-        for i in range(m):
-            if ivar[j, i] > _F0:
-                acc += cont[j, i]
+        for j in range(m):
+            if ivar[i, j] > _F0:
+                acc += cont[i, j]
                 ng += 1
         cref = acc / ng if ng > 0 else np.nan
         floor = np.float32(cont_floor * cref) if (np.isfinite(cref) and cref > 0) else np.float32(np.inf)
-        for i in range(m):
-            c = cont[j, i]
-            ok = (not tell[i]) and ivar[j, i] > _F0 and c > floor
-            valid[j, i] = ok
-            d = _F1 - flux[j, i] / (c if ok else _F1)
-            x[j, i] = min(max(d, -_F1), _F1) if ok else _F0
+        for j in range(m):
+            c = cont[i, j]
+            ok = (not tell[j]) and ivar[i, j] > _F0 and c > floor
+            valid[i, j] = ok
+            d = _F1 - flux[i, j] / (c if ok else _F1)
+            x[i, j] = min(max(d, -_F1), _F1) if ok else _F0
 
 
 @_kernel
